@@ -1,0 +1,506 @@
+"""Reads of usage totals: one engine that picks the cheapest exact source per question.
+
+A question is a `Selection` (the viewer's scope plus filters and a time range) and a
+grouping (dimensions and an optional time bucket width in a time zone). The answer is
+exact whatever the source:
+
+- the range's whole 15-minute buckets come from a roll-up: the narrow org one when the
+  viewer sees whole organizations and no filter needs a scope dimension, else the wide
+  one (narrowed by its per-dimension indexes);
+- the partial buckets at either edge (under 15 minutes each) come from raw events;
+- short ranges, and filters no roll-up has (session, end user), read raw events.
+
+Local time buckets are computed in SQL from integer epochs, per stretch of constant UTC
+offset, so days and hours are right across DST changes and in +05:30 / +05:45 zones.
+"""
+
+import heapq
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from django.db.models import (
+    BigIntegerField,
+    Case,
+    Count,
+    ExpressionWrapper,
+    F,
+    Max,
+    Q,
+    QuerySet,
+    Sum,
+    Value,
+    When,
+)
+from django.db.models.functions import TruncMinute
+
+from metering.aggregates import MEASURES, latency_bucket, latency_bucket_value
+from metering.models import (
+    BUCKET_SECONDS,
+    CostSource,
+    LatencyHistogramHourly,
+    OrgUsage15m,
+    ScopeUsage15m,
+    UsageEvent,
+)
+
+from .visibility import Scope, rollup_scope_q, scope_q
+
+MINUTE, HOUR, DAY = 60, 3600, 86400
+WIDTHS = {"1m": MINUTE, "1h": HOUR, "1d": DAY}
+# Ranges up to this long are read from raw events (they are small and exact to the second).
+RAW_RANGE_LIMIT = timedelta(hours=6)
+
+# Dimensions a selection can group or filter by, with the column in each source.
+NARROW_DIMS = {"organization_id", "model", "operation", "status_code"}
+SCOPE_DIMS = NARROW_DIMS | {
+    "team_id",
+    "project_id",
+    "user_id",
+    "api_token_id",
+    "assistant",
+    "workflow",
+}
+RAW_ONLY_DIMS = {"end_user", "session_id"}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a reader may see and asked to see. Filters only narrow the scope."""
+
+    scope: Scope
+    start: datetime
+    end: datetime
+    org_ids: tuple[int, ...] = ()
+    team_ids: tuple[int, ...] = ()
+    project_ids: tuple[int, ...] = ()
+    user_ids: tuple[int, ...] = ()
+    token_ids: tuple[int, ...] = ()
+    models: tuple[str, ...] = ()
+    operations: tuple[str, ...] = ()
+    status: str = "all"  # all | ok | failed
+    session_ids: tuple[str, ...] = ()
+    end_users: tuple[str, ...] = ()
+
+    def shifted_back(self) -> "Selection":
+        """The previous period of the same length (for deltas)."""
+        length = self.end - self.start
+        return replace(self, start=self.start - length, end=self.start)
+
+    @property
+    def needs_raw(self) -> bool:
+        return bool(self.session_ids or self.end_users)
+
+    @property
+    def needs_scope_dims(self) -> bool:
+        return bool(self.team_ids or self.project_ids or self.user_ids or self.token_ids)
+
+
+@dataclass
+class Totals:
+    """Summed measures of one group."""
+
+    requests: int = 0
+    failed_requests: int = 0
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    quantity: int = 0
+    cost_nanos: int = 0
+    latency_ms_sum: int = 0
+    latency_ms_max: int = 0
+    unpriced_requests: int = 0
+
+    def add(self, other: "Totals") -> None:
+        for name in self.__dataclass_fields__:
+            if name == "latency_ms_max":
+                self.latency_ms_max = max(self.latency_ms_max, other.latency_ms_max)
+            else:
+                setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    @property
+    def latency_ms_avg(self) -> float | None:
+        return self.latency_ms_sum / self.requests if self.requests else None
+
+    @property
+    def failure_rate(self) -> float | None:
+        return self.failed_requests / self.requests if self.requests else None
+
+
+@dataclass
+class Grouped:
+    """Totals per group key; a key is (time bucket or None, *dimension values)."""
+
+    dims: tuple[str, ...]
+    rows: dict[tuple, Totals] = field(default_factory=dict)
+
+    def add(self, key: tuple, totals: Totals) -> None:
+        if key in self.rows:
+            self.rows[key].add(totals)
+        else:
+            self.rows[key] = totals
+
+    def total(self) -> Totals:
+        out = Totals()
+        for totals in self.rows.values():
+            out.add(totals)
+        return out
+
+
+# ---------------------------------------------------------------------------------------
+# Time buckets
+
+
+def _offset_segments(tz: ZoneInfo, start: int, end: int) -> list[tuple[int, int]]:
+    """[(from_epoch, utc_offset_seconds)] covering [start, end): where the offset changes."""
+    segments: list[tuple[int, int]] = []
+    step = 6 * HOUR
+    t = start
+    previous = None
+    while t < end + step:
+        offset = int(datetime.fromtimestamp(t, tz).utcoffset().total_seconds())
+        if offset != previous:
+            if previous is not None:
+                # Find the exact change instant by bisection (to the 15-minute grain).
+                lo, hi = t - step, t
+                while hi - lo > BUCKET_SECONDS:
+                    mid = (lo + hi) // 2
+                    mid -= mid % BUCKET_SECONDS
+                    if mid <= lo:
+                        break
+                    if int(datetime.fromtimestamp(mid, tz).utcoffset().total_seconds()) == previous:
+                        lo = mid
+                    else:
+                        hi = mid
+                segments.append((hi, offset))
+            else:
+                segments.append((start, offset))
+            previous = offset
+        t += step
+    return segments
+
+
+@dataclass(frozen=True)
+class Bucketing:
+    """Local time buckets of `width` seconds in zone `tz`.
+
+    A bucket is identified by the UTC epoch of its start. Hours and minutes are real
+    elapsed hours (a repeated DST hour is two buckets); days are local calendar days.
+    """
+
+    width: int
+    tz: ZoneInfo
+
+    def key_of(self, epoch: int) -> int:
+        offset = int(datetime.fromtimestamp(epoch, self.tz).utcoffset().total_seconds())
+        if self.width == DAY:
+            local_day = (epoch + offset) // DAY
+            return self._day_start(local_day)
+        sub = offset % self.width
+        return (epoch + sub) // self.width * self.width - sub
+
+    def _day_start(self, local_day: int) -> int:
+        day = datetime(1970, 1, 1) + timedelta(days=local_day)
+        return int(day.replace(tzinfo=self.tz).timestamp())
+
+    def expression(self, column: str, start: int, end: int):
+        """SQL expression mapping an epoch column to a bucket id (see key_from_sql)."""
+        whens = []
+        segments = _offset_segments(self.tz, start, end)
+        for i, (seg_start, offset) in enumerate(segments):
+            if self.width == DAY:
+                value = ExpressionWrapper(
+                    (F(column) + Value(offset)) / Value(DAY), output_field=BigIntegerField()
+                )
+            else:
+                sub = offset % self.width
+                value = ExpressionWrapper(
+                    (F(column) + Value(sub)) / Value(self.width) * Value(self.width) - Value(sub),
+                    output_field=BigIntegerField(),
+                )
+            if i + 1 < len(segments):
+                whens.append(When(**{f"{column}__lt": segments[i + 1][0]}, then=value))
+            else:
+                default = value
+        if not whens:
+            return default
+        return Case(*whens, default=default, output_field=BigIntegerField())
+
+    def key_from_sql(self, value: int) -> int:
+        return self._day_start(value) if self.width == DAY else value
+
+    def keys(self, start: int, end: int) -> list[int]:
+        """Every bucket start overlapping [start, end), in order (the first may begin
+        before `start`)."""
+        keys = []
+        key = self.key_of(start)
+        while key < end:
+            keys.append(key)
+            if self.width == DAY:
+                local = datetime.fromtimestamp(key, self.tz).replace(tzinfo=None)
+                key = int((local + timedelta(days=1)).replace(tzinfo=self.tz).timestamp())
+                key = self.key_of(key)  # local midnight may not exist (rare DST at 00:00)
+            else:
+                key += self.width
+        return keys
+
+
+def auto_width(start: datetime, end: datetime) -> int:
+    """1-minute buckets up to 3 hours, hourly up to 3 days, daily beyond."""
+    length = end - start
+    if length <= timedelta(hours=3):
+        return MINUTE
+    if length <= timedelta(days=3):
+        return HOUR
+    return DAY
+
+
+# ---------------------------------------------------------------------------------------
+# Sources
+
+
+def _epoch(dt: datetime) -> int:
+    return int(dt.timestamp())
+
+
+def _ceil(epoch: int, grain: int) -> int:
+    return -(-epoch // grain) * grain
+
+
+def _event_filters(sel: Selection) -> Q:
+    q = scope_q(sel.scope)
+    q &= _dimension_filters(sel)
+    if sel.session_ids:
+        q &= Q(session_id__in=sel.session_ids)
+    if sel.end_users:
+        q &= Q(end_user__in=sel.end_users)
+    return q
+
+
+def _dimension_filters(sel: Selection) -> Q:
+    q = Q()
+    for column, values in (
+        ("organization_id", sel.org_ids),
+        ("team_id", sel.team_ids),
+        ("project_id", sel.project_ids),
+        ("user_id", sel.user_ids),
+        ("api_token_id", sel.token_ids),
+        ("model", sel.models),
+        ("operation", sel.operations),
+    ):
+        if values:
+            q &= Q(**{f"{column}__in": values})
+    if sel.status == "ok":
+        q &= Q(status_code__lt=400)
+    elif sel.status == "failed":
+        q &= Q(status_code__gte=400)
+    return q
+
+
+def _rollup_aggregates() -> dict:
+    aggs = {m: Sum(m) for m in MEASURES if m != "latency_ms_max"}
+    aggs["latency_ms_max"] = Max("latency_ms_max")
+    aggs["failed_requests"] = Sum(
+        Case(When(status_code__gte=400, then=F("requests")), default=Value(0)),
+        output_field=BigIntegerField(),
+    )
+    return aggs
+
+
+def _raw_aggregates() -> dict:
+    return {
+        "requests": Count("id"),
+        "failed_requests": Count("id", filter=Q(status_code__gte=400)),
+        "input_tokens": Sum("input_tokens"),
+        "cached_input_tokens": Sum("cached_input_tokens"),
+        "cache_write_tokens": Sum("cache_write_tokens"),
+        "output_tokens": Sum("output_tokens"),
+        "reasoning_tokens": Sum("reasoning_tokens"),
+        "quantity": Sum("quantity"),
+        "cost_nanos": Sum("cost_nanos"),
+        "latency_ms_sum": Sum("latency_ms"),
+        "latency_ms_max": Max("latency_ms"),
+        "unpriced_requests": Count("id", filter=Q(cost_source=CostSource.UNPRICED)),
+    }
+
+
+def _to_totals(row: dict) -> Totals:
+    return Totals(**{name: int(row.get(name) or 0) for name in Totals.__dataclass_fields__})
+
+
+def rollup_source(sel: Selection, dims: tuple[str, ...]) -> QuerySet:
+    """The narrow roll-up when it can answer exactly, else the wide one (scope-gated)."""
+    narrow = (
+        set(dims) <= NARROW_DIMS
+        and not sel.needs_scope_dims
+        and sel.scope.covers_whole_orgs(sel.org_ids)
+    )
+    if narrow:
+        qs = OrgUsage15m.objects.all()
+        if not sel.scope.everything:
+            qs = qs.filter(organization_id__in=sel.org_ids)
+        return qs.filter(_dimension_filters(sel))
+    return ScopeUsage15m.objects.filter(rollup_scope_q(sel.scope)).filter(_dimension_filters(sel))
+
+
+def _raw_grouped(
+    sel: Selection, start: int, end: int, dims: tuple[str, ...], bucketing: Bucketing | None
+) -> Grouped:
+    out = Grouped(dims)
+    if start >= end:
+        return out
+    qs = UsageEvent.objects.filter(_event_filters(sel)).filter(
+        timestamp__gte=datetime.fromtimestamp(start, UTC),
+        timestamp__lt=datetime.fromtimestamp(end, UTC),
+    )
+    values = list(dims)
+    if bucketing is not None:
+        qs = qs.annotate(_minute=TruncMinute("timestamp", tzinfo=UTC))
+        values.append("_minute")
+    for row in qs.values(*values).annotate(**_raw_aggregates()).order_by():
+        key_time = bucketing.key_of(_epoch(row["_minute"])) if bucketing else None
+        out.add((key_time, *(row[d] for d in dims)), _to_totals(row))
+    return out
+
+
+def grouped_totals(
+    sel: Selection, dims: tuple[str, ...] = (), bucketing: Bucketing | None = None
+) -> Grouped:
+    """Exact totals of `sel`, grouped by `dims` and (optionally) local time buckets."""
+    start, end = _epoch(sel.start), _epoch(sel.end)
+    raw_only = (
+        sel.needs_raw
+        or bool(set(dims) & RAW_ONLY_DIMS)
+        or sel.end - sel.start <= RAW_RANGE_LIMIT
+        or (bucketing is not None and bucketing.width < BUCKET_SECONDS)
+    )
+    core_start, core_end = _ceil(start, BUCKET_SECONDS), end - end % BUCKET_SECONDS
+    if raw_only or core_start >= core_end:
+        return _raw_grouped(sel, start, end, dims, bucketing)
+    out = _raw_grouped(sel, start, core_start, dims, bucketing)
+    for key, totals in _raw_grouped(sel, core_end, end, dims, bucketing).rows.items():
+        out.add(key, totals)
+    qs = rollup_source(sel, dims).filter(bucket__gte=core_start, bucket__lt=core_end)
+    values = list(dims)
+    if bucketing is not None:
+        qs = qs.annotate(_tkey=bucketing.expression("bucket", core_start, core_end))
+        values.append("_tkey")
+    for row in qs.values(*values).annotate(**_rollup_aggregates()).order_by():
+        key_time = bucketing.key_from_sql(row["_tkey"]) if bucketing else None
+        out.add((key_time, *(row[d] for d in dims)), _to_totals(row))
+    return out
+
+
+def totals(sel: Selection) -> Totals:
+    return grouped_totals(sel).total()
+
+
+def top(sel: Selection, dim: str, n: int = 5, by: str = "total_tokens") -> list[tuple]:
+    """The n largest groups of `dim` by a Totals attribute: [(value, Totals)]."""
+    grouped = grouped_totals(sel, (dim,))
+    items = [(key[1], t) for key, t in grouped.rows.items()]
+    return heapq.nlargest(n, items, key=lambda item: (getattr(item[1], by), str(item[0])))
+
+
+def distinct_count(sel: Selection, column: str) -> int:
+    """How many distinct non-empty values of `column` (user_id, assistant, workflow)."""
+    return len(distinct_values(sel, column))
+
+
+def distinct_values(sel: Selection, column: str) -> set:
+    empty = 0 if column.endswith("_id") else ""
+    start, end = _epoch(sel.start), _epoch(sel.end)
+    core_start, core_end = _ceil(start, BUCKET_SECONDS), end - end % BUCKET_SECONDS
+    raw_only = sel.needs_raw or sel.end - sel.start <= RAW_RANGE_LIMIT or core_start >= core_end
+
+    def raw(a: int, b: int) -> set:
+        if a >= b:
+            return set()
+        qs = UsageEvent.objects.filter(_event_filters(sel)).filter(
+            timestamp__gte=datetime.fromtimestamp(a, UTC),
+            timestamp__lt=datetime.fromtimestamp(b, UTC),
+        )
+        qs = qs.exclude(**{f"{column}__isnull": True}) if empty == 0 else qs.exclude(**{column: ""})
+        return set(qs.values_list(column, flat=True).distinct().order_by())
+
+    if raw_only:
+        return raw(start, end)
+    values = raw(start, core_start) | raw(core_end, end)
+    qs = (
+        ScopeUsage15m.objects.filter(rollup_scope_q(sel.scope))
+        .filter(_dimension_filters(sel))
+        .filter(bucket__gte=core_start, bucket__lt=core_end)
+        .exclude(**{column: empty})
+    )
+    values |= set(qs.values_list(column, flat=True).distinct().order_by())
+    return values
+
+
+# ---------------------------------------------------------------------------------------
+# Latency percentiles
+
+
+def _percentile_from_histogram(counts: dict[int, int], q: float) -> float | None:
+    n = sum(counts.values())
+    if not n:
+        return None
+    rank = q * n
+    seen = 0
+    for index in sorted(counts):
+        seen += counts[index]
+        if seen >= rank:
+            return latency_bucket_value(index)
+    return latency_bucket_value(max(counts))
+
+
+def _raw_percentile(qs: QuerySet, q: float) -> float | None:
+    n = qs.count()
+    if not n:
+        return None
+    # Nearest-rank percentile: the smallest value with at least q*n values at or below it.
+    rank = max(1, -(-int(q * n * 1000) // 1000))
+    return float(qs.order_by("latency_ms").values_list("latency_ms", flat=True)[rank - 1])
+
+
+def latency_percentile(sel: Selection, q: float = 0.95) -> float | None:
+    """p-quantile latency in ms: from the histogram for org-wide views (within ~2 %),
+    exact from raw events when a filter needs dimensions the histogram lacks."""
+    start, end = _epoch(sel.start), _epoch(sel.end)
+    core_start, core_end = _ceil(start, HOUR), end - end % HOUR
+    histogram_ok = (
+        not sel.needs_raw
+        and not sel.needs_scope_dims
+        and not sel.models
+        and sel.status == "all"
+        and sel.scope.covers_whole_orgs(sel.org_ids)
+        and core_start < core_end
+        and sel.end - sel.start > RAW_RANGE_LIMIT
+    )
+    raw_qs = UsageEvent.objects.filter(_event_filters(sel))
+    if not histogram_ok:
+        return _raw_percentile(raw_qs.filter(timestamp__gte=sel.start, timestamp__lt=sel.end), q)
+    counts: dict[int, int] = defaultdict(int)
+    hist = LatencyHistogramHourly.objects.filter(bucket__gte=core_start, bucket__lt=core_end)
+    if not sel.scope.everything or sel.org_ids:
+        hist = hist.filter(organization_id__in=sel.org_ids)
+    if sel.operations:
+        hist = hist.filter(operation__in=sel.operations)
+    rows = hist.values("latency_bucket").annotate(n=Sum("count")).order_by()
+    for row in rows:
+        counts[row["latency_bucket"]] += row["n"]
+    for a, b in ((start, core_start), (core_end, end)):
+        if a < b:
+            edge = raw_qs.filter(
+                timestamp__gte=datetime.fromtimestamp(a, UTC),
+                timestamp__lt=datetime.fromtimestamp(b, UTC),
+            )
+            for latency in edge.values_list("latency_ms", flat=True):
+                counts[latency_bucket(latency)] += 1
+    return _percentile_from_histogram(counts, q)

@@ -1,0 +1,181 @@
+"""The visibility gate: the only authority on which usage a person may read.
+
+Every read path starts here: pages, partials, option lists, exports, the JSON APIs and
+chart data. A viewer's scope is the union of every role they hold (SPEC section 2):
+
+- platform admin: everything;
+- org admin: every event of that organization;
+- team lead: events of that team;
+- project admin: events of that project;
+- everyone: their own events, and those sent with API tokens they own.
+
+`scope_q` is one predicate over the columns the events table and the wide roll-up share
+(organization_id, team_id, project_id, user_id, api_token_id), so a roll-up can never
+show more than the events would.
+"""
+
+from dataclasses import dataclass
+
+from django.db.models import Q, QuerySet
+
+from accounts.models import ApiToken, Membership, Organization, Project, Role, Team, User
+from metering.models import ScopeUsage15m, UsageEvent
+
+
+@dataclass(frozen=True)
+class Scope:
+    everything: bool = False
+    org_ids: frozenset[int] = frozenset()  # whole organizations (org admin)
+    team_ids: frozenset[int] = frozenset()
+    project_ids: frozenset[int] = frozenset()
+    user_id: int | None = None  # own events
+    token_ids: frozenset[int] = frozenset()  # tokens the viewer owns
+    member_org_ids: frozenset[int] = frozenset()  # every organization the viewer belongs to
+
+    def covers_whole_orgs(self, org_ids) -> bool:
+        """True when, within `org_ids`, the viewer sees every event (narrow roll-ups apply)."""
+        if self.everything:
+            return True
+        return bool(org_ids) and set(org_ids) <= self.org_ids
+
+
+def viewer_scope(user) -> Scope:
+    """The scope of `user`, computed once per request object."""
+    cached = getattr(user, "_usage_scope", None)
+    if cached is not None:
+        return cached
+    if not getattr(user, "is_authenticated", False) or not user.is_active:
+        scope = Scope()
+    elif user.is_platform_admin:
+        scope = Scope(everything=True, user_id=user.id)
+    else:
+        orgs, teams, projects, member_orgs = set(), set(), set(), set()
+        rows = Membership.objects.filter(user=user).values_list(
+            "organization_id", "role", "team_id", "project_id"
+        )
+        for org_id, role, team_id, project_id in rows:
+            member_orgs.add(org_id)
+            if role == Role.ORG_ADMIN:
+                orgs.add(org_id)
+            elif role == Role.TEAM_LEAD and team_id:
+                teams.add(team_id)
+            elif role == Role.PROJECT_ADMIN and project_id:
+                projects.add(project_id)
+        tokens = set(ApiToken.objects.filter(owner=user).values_list("id", flat=True))
+        scope = Scope(
+            org_ids=frozenset(orgs),
+            team_ids=frozenset(teams),
+            project_ids=frozenset(projects),
+            user_id=user.id,
+            token_ids=frozenset(tokens),
+            member_org_ids=frozenset(member_orgs),
+        )
+    if getattr(user, "is_authenticated", False):
+        user._usage_scope = scope
+    return scope
+
+
+def scope_q(scope: Scope) -> Q:
+    """The predicate for `scope` over events or the wide roll-up. Matches nothing if empty."""
+    if scope.everything:
+        return Q()
+    q = Q(pk__in=[])
+    if scope.org_ids:
+        q |= Q(organization_id__in=scope.org_ids)
+    if scope.team_ids:
+        q |= Q(team_id__in=scope.team_ids)
+    if scope.project_ids:
+        q |= Q(project_id__in=scope.project_ids)
+    if scope.user_id:
+        q |= Q(user_id=scope.user_id)
+    if scope.token_ids:
+        q |= Q(api_token_id__in=scope.token_ids)
+    return q
+
+
+def _rollup_scope_q(scope: Scope) -> Q:
+    # The roll-up has a composite key, so "match nothing" cannot use pk__in.
+    if scope.everything:
+        return Q()
+    q = Q(bucket__lt=0)  # buckets are epoch seconds: never negative
+    if scope.org_ids:
+        q |= Q(organization_id__in=scope.org_ids)
+    if scope.team_ids:
+        q |= Q(team_id__in=scope.team_ids)
+    if scope.project_ids:
+        q |= Q(project_id__in=scope.project_ids)
+    if scope.user_id:
+        q |= Q(user_id=scope.user_id)
+    if scope.token_ids:
+        q |= Q(api_token_id__in=scope.token_ids)
+    return q
+
+
+def visible_events(user) -> QuerySet[UsageEvent]:
+    """The only authority on which usage events `user` may read."""
+    return UsageEvent.objects.filter(scope_q(viewer_scope(user)))
+
+
+def visible_scope_rollup(user) -> QuerySet[ScopeUsage15m]:
+    """The wide roll-up rows `user` may read (the same predicate as visible_events)."""
+    return ScopeUsage15m.objects.filter(_rollup_scope_q(viewer_scope(user)))
+
+
+def rollup_scope_q(scope: Scope) -> Q:
+    return _rollup_scope_q(scope)
+
+
+def visible_organizations(user) -> QuerySet[Organization]:
+    """Organizations `user` may pick: all for platform admins, else those they belong to."""
+    scope = viewer_scope(user)
+    if scope.everything:
+        return Organization.objects.all()
+    ids = set(scope.member_org_ids)
+    ids |= set(Team.objects.filter(id__in=scope.team_ids).values_list("organization_id", flat=True))
+    return Organization.objects.filter(id__in=ids)
+
+
+def visible_teams(user) -> QuerySet[Team]:
+    scope = viewer_scope(user)
+    if scope.everything:
+        return Team.objects.all()
+    ids = visible_scope_rollup(user).exclude(team_id=0).values("team_id")
+    return Team.objects.filter(
+        Q(organization_id__in=scope.org_ids) | Q(id__in=scope.team_ids) | Q(id__in=ids)
+    )
+
+
+def visible_projects(user) -> QuerySet[Project]:
+    scope = viewer_scope(user)
+    if scope.everything:
+        return Project.objects.all()
+    ids = visible_scope_rollup(user).exclude(project_id=0).values("project_id")
+    return Project.objects.filter(
+        Q(organization_id__in=scope.org_ids) | Q(id__in=scope.project_ids) | Q(id__in=ids)
+    )
+
+
+def visible_users(user) -> QuerySet[User]:
+    """People whose usage `user` may see: members of their orgs/teams/projects, and
+    anyone with visible usage."""
+    scope = viewer_scope(user)
+    if scope.everything:
+        return User.objects.all()
+    with_usage = visible_scope_rollup(user).exclude(user_id=0).values("user_id")
+    return User.objects.filter(
+        Q(id=scope.user_id)
+        | Q(memberships__organization_id__in=scope.org_ids)
+        | Q(memberships__team_id__in=scope.team_ids)
+        | Q(memberships__project_id__in=scope.project_ids)
+        | Q(id__in=with_usage)
+    ).distinct()
+
+
+def visible_tokens(user) -> QuerySet[ApiToken]:
+    scope = viewer_scope(user)
+    if scope.everything:
+        return ApiToken.objects.all()
+    with_usage = visible_scope_rollup(user).exclude(api_token_id=0).values("api_token_id")
+    return ApiToken.objects.filter(
+        Q(organization_id__in=scope.org_ids) | Q(owner_id=scope.user_id) | Q(id__in=with_usage)
+    )
