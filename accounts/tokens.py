@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from .models import ApiToken, Organization, Project, Team, TokenScope, User
 
-TOKEN_PREFIX = "ud_"
+TOKEN_PREFIX = "ud_"  # noqa: S105 - a public marker, not a secret
 # Refresh last_used_at at most this often, so busy tokens don't write on every request.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 

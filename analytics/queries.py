@@ -214,7 +214,7 @@ class Bucketing:
         """SQL expression mapping an epoch column to a bucket id (see key_from_sql)."""
         whens = []
         segments = _offset_segments(self.tz, start, end)
-        for i, (seg_start, offset) in enumerate(segments):
+        for i, (_seg_start, offset) in enumerate(segments):
             if self.width == DAY:
                 value = ExpressionWrapper(
                     (F(column) + Value(offset)) / Value(DAY), output_field=BigIntegerField()

@@ -226,7 +226,7 @@ class RollupMeasures(models.Model):
         abstract = True
 
 
-class OrgUsage15m(RollupMeasures):
+class OrgUsage15m(RollupMeasures):  # noqa: DJ008
     """Narrow roll-up: organization x 15 minutes x model x operation x status.
 
     Serves org-wide widgets (no team/project/user/token filter) for any time zone,
@@ -245,7 +245,7 @@ class OrgUsage15m(RollupMeasures):
         db_table = "metering_org_usage_15m"
 
 
-class ScopeUsage15m(RollupMeasures):
+class ScopeUsage15m(RollupMeasures):  # noqa: DJ008
     """Wide roll-up: adds team, project, user, API token, assistant and workflow.
 
     Read only when a filter or the viewer's scope needs one of those dimensions; the
@@ -290,7 +290,7 @@ class ScopeUsage15m(RollupMeasures):
         ]
 
 
-class LatencyHistogramHourly(models.Model):
+class LatencyHistogramHourly(models.Model):  # noqa: DJ008
     """Counts of events per log-spaced latency bucket, per organization, hour and operation.
 
     p95 is read from here for org-wide views: the buckets grow by LATENCY_GAMMA, so the

@@ -13,7 +13,7 @@ from django.utils.csp import CSP
 
 from .env import database_from_url, env_bool, env_int, env_list, env_str
 
-if sys.version_info < (3, 12):  # pragma: no cover - guarded earlier in manage.py too
+if sys.version_info < (3, 12):  # noqa: UP036 - a clear message instead of a SyntaxError later
     raise ImproperlyConfigured("This project needs Python 3.12 or newer.")
 
 BASE_DIR = Path(__file__).resolve().parent.parent
