@@ -4,10 +4,10 @@
 import os
 import sys
 
-if sys.version_info < (3, 12):
+if sys.version_info < (3, 12):  # noqa: UP036 - say so clearly on an old interpreter
     sys.exit(
-        "usage-dashboard needs Python 3.12 or newer (found %d.%d). "
-        "Run `make demo`, or create the venv with python3.12+." % sys.version_info[:2]
+        f"usage-dashboard needs Python 3.12 or newer (found {sys.version.split()[0]}). "
+        "Run `make demo`, or create the venv with python3.12+."
     )
 
 

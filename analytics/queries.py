@@ -305,9 +305,11 @@ def _dimension_filters(sel: Selection) -> Q:
 
 
 def _rollup_aggregates() -> dict:
-    aggs = {m: Sum(m) for m in MEASURES if m != "latency_ms_max"}
-    aggs["latency_ms_max"] = Max("latency_ms_max")
-    aggs["failed_requests"] = Sum(
+    # Annotation names get a prefix: an aggregate named like a column ("requests") would
+    # shadow that column in the failed_requests expression below.
+    aggs = {f"t_{m}": Sum(m) for m in MEASURES if m != "latency_ms_max"}
+    aggs["t_latency_ms_max"] = Max("latency_ms_max")
+    aggs["t_failed_requests"] = Sum(
         Case(When(status_code__gte=400, then=F("requests")), default=Value(0)),
         output_field=BigIntegerField(),
     )
@@ -316,23 +318,23 @@ def _rollup_aggregates() -> dict:
 
 def _raw_aggregates() -> dict:
     return {
-        "requests": Count("id"),
-        "failed_requests": Count("id", filter=Q(status_code__gte=400)),
-        "input_tokens": Sum("input_tokens"),
-        "cached_input_tokens": Sum("cached_input_tokens"),
-        "cache_write_tokens": Sum("cache_write_tokens"),
-        "output_tokens": Sum("output_tokens"),
-        "reasoning_tokens": Sum("reasoning_tokens"),
-        "quantity": Sum("quantity"),
-        "cost_nanos": Sum("cost_nanos"),
-        "latency_ms_sum": Sum("latency_ms"),
-        "latency_ms_max": Max("latency_ms"),
-        "unpriced_requests": Count("id", filter=Q(cost_source=CostSource.UNPRICED)),
+        "t_requests": Count("id"),
+        "t_failed_requests": Count("id", filter=Q(status_code__gte=400)),
+        "t_input_tokens": Sum("input_tokens"),
+        "t_cached_input_tokens": Sum("cached_input_tokens"),
+        "t_cache_write_tokens": Sum("cache_write_tokens"),
+        "t_output_tokens": Sum("output_tokens"),
+        "t_reasoning_tokens": Sum("reasoning_tokens"),
+        "t_quantity": Sum("quantity"),
+        "t_cost_nanos": Sum("cost_nanos"),
+        "t_latency_ms_sum": Sum("latency_ms"),
+        "t_latency_ms_max": Max("latency_ms"),
+        "t_unpriced_requests": Count("id", filter=Q(cost_source=CostSource.UNPRICED)),
     }
 
 
 def _to_totals(row: dict) -> Totals:
-    return Totals(**{name: int(row.get(name) or 0) for name in Totals.__dataclass_fields__})
+    return Totals(**{name: int(row.get(f"t_{name}") or 0) for name in Totals.__dataclass_fields__})
 
 
 def rollup_source(sel: Selection, dims: tuple[str, ...]) -> QuerySet:
@@ -504,3 +506,81 @@ def latency_percentile(sel: Selection, q: float = 0.95) -> float | None:
             for latency in edge.values_list("latency_ms", flat=True):
                 counts[latency_bucket(latency)] += 1
     return _percentile_from_histogram(counts, q)
+
+
+def _quantile_sorted(values: list[int], q: float) -> float | None:
+    if not values:
+        return None
+    rank = max(1, -(-int(q * len(values) * 1000) // 1000))
+    return float(values[rank - 1])
+
+
+def latency_series(
+    sel: Selection, bucketing: Bucketing, q: float = 0.95
+) -> dict[int, tuple[float | None, float | None]]:
+    """{bucket key: (average ms, p-quantile ms)} for the selection's calls.
+
+    Org-wide views read the hourly latency histogram (p95 within ~2 %); anything it cannot
+    answer (scope filters, models, status, minute buckets, short ranges) reads raw events.
+    """
+    start, end = _epoch(sel.start), _epoch(sel.end)
+    core_start, core_end = _ceil(start, HOUR), end - end % HOUR
+    averages = {
+        key[0]: totals.latency_ms_avg
+        for key, totals in grouped_totals(sel, (), bucketing).rows.items()
+    }
+    histogram_ok = (
+        not sel.needs_raw
+        and not sel.needs_scope_dims
+        and not sel.models
+        and sel.status == "all"
+        and sel.scope.covers_whole_orgs(sel.org_ids)
+        and bucketing.width >= HOUR
+        and core_start < core_end
+        and sel.end - sel.start > RAW_RANGE_LIMIT
+    )
+    per_bucket: dict[int, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+    raw_qs = UsageEvent.objects.filter(_event_filters(sel))
+    if histogram_ok:
+        hist = LatencyHistogramHourly.objects.filter(bucket__gte=core_start, bucket__lt=core_end)
+        if not sel.scope.everything or sel.org_ids:
+            hist = hist.filter(organization_id__in=sel.org_ids)
+        if sel.operations:
+            hist = hist.filter(operation__in=sel.operations)
+        rows = hist.values("bucket", "latency_bucket").annotate(n=Sum("count")).order_by()
+        for row in rows:
+            per_bucket[bucketing.key_of(row["bucket"])][row["latency_bucket"]] += row["n"]
+        edges = ((start, core_start), (core_end, end))
+    else:
+        edges = ((start, end),)
+    raw_values: dict[int, list[int]] = defaultdict(list)
+    for a, b in edges:
+        if a >= b:
+            continue
+        rows = raw_qs.filter(
+            timestamp__gte=datetime.fromtimestamp(a, UTC),
+            timestamp__lt=datetime.fromtimestamp(b, UTC),
+        ).values_list("timestamp", "latency_ms")
+        for ts, latency in rows.iterator(chunk_size=5000):
+            key = bucketing.key_of(_epoch(ts))
+            if histogram_ok:
+                per_bucket[key][latency_bucket(latency)] += 1
+            else:
+                raw_values[key].append(latency)
+    out = {}
+    for key, avg in averages.items():
+        if histogram_ok:
+            quantile = _percentile_from_histogram(per_bucket.get(key, {}), q)
+        else:
+            quantile = _quantile_sorted(sorted(raw_values.get(key, [])), q)
+        out[key] = (avg, quantile)
+    return out
+
+
+def models_seen(sel: Selection, days: int = 90) -> set[str]:
+    """Models used within the viewer's scope over the last `days` days (for zero rows)."""
+    end = _epoch(sel.end)
+    since = end - days * DAY
+    since -= since % BUCKET_SECONDS
+    qs = rollup_source(replace(sel, models=(), status="all"), ("model",)).filter(bucket__gte=since)
+    return set(qs.values_list("model", flat=True).distinct().order_by())

@@ -4,6 +4,7 @@ from django.urls import path
 
 from accounts import views as account_views
 from analytics import api as usage_api
+from analytics import views as analytics_views
 from metering import api as ingest_api
 
 urlpatterns = [
@@ -16,6 +17,11 @@ urlpatterns = [
         name="login",
     ),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("dashboard/", analytics_views.dashboard, name="dashboard"),
+    path("dashboard/widgets/<slug:name>/", analytics_views.widget, name="dashboard-widget"),
+    path(
+        "dashboard/options/<slug:kind>/", analytics_views.filter_options, name="dashboard-options"
+    ),
     path("api/v1/events", ingest_api.events_ingest, name="api-events"),
     path("api/v1/usage", usage_api.usage, name="api-usage"),
     path("admin/", admin.site.urls),
