@@ -122,11 +122,15 @@ def _filter_bar(request: HttpRequest, flt: UsageFilter) -> dict:
     pickers = []
     for name, label in PICKERS:
         selected = chosen.get(name) or []
+        # "Me" is its own choice in the user picker, not a second entry for oneself.
+        me_selected = int(name == "user" and request.user in selected)
+        shown = [v for v in selected if not (me_selected and v == request.user)]
         pickers.append(
             {
                 "name": name,
                 "label": label,
-                "selected": [_option(name, v) for v in selected],
+                "me_selected": me_selected,
+                "selected": [_option(name, v) for v in shown],
                 "options": _options(request, flt, name, "", exclude=selected)[:20],
             }
         )
@@ -212,7 +216,7 @@ def widget(request: HttpRequest, name: str) -> HttpResponse:
         return csv_response(
             f"{name}.csv",
             [c.label for c in data.columns],
-            ([row.get(c.key) for c in data.columns] for row in data.rows),
+            ([row.get(c.export_key) for c in data.columns] for row in data.rows),
         )
     return render(
         request,

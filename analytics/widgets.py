@@ -72,6 +72,11 @@ class Column:
     key: str
     label: str
     kind: str = "text"  # text | int | money | ms | pct | time | link
+    csv_key: str = ""  # the exact value for CSV when `key` holds a formatted one
+
+    @property
+    def export_key(self) -> str:
+        return self.csv_key or self.key
 
 
 @dataclass
@@ -161,6 +166,8 @@ def metrics(ctx: Context) -> WidgetData:
                 "change": _delta(value, before),
                 "display": _display(value, kind, ctx.money),
                 "previous_display": _display(before, kind, ctx.money),
+                "exact": _exact(value, kind, ctx.money),
+                "previous_exact": _exact(before, kind, ctx.money),
             }
         )
     empty = current["requests"] == 0
@@ -169,8 +176,8 @@ def metrics(ctx: Context) -> WidgetData:
         title="Metrics",
         columns=[
             Column("metric", "Metric"),
-            Column("display", "This period"),
-            Column("previous_display", "Previous period"),
+            Column("display", "This period", csv_key="exact"),
+            Column("previous_display", "Previous period", csv_key="previous_exact"),
             Column("change", "Change", "pct"),
         ],
         rows=rows,
@@ -220,6 +227,17 @@ def _metric_values(sel: Selection) -> dict:
         "assistants": distinct_count(sel, "assistant"),
         "workflows": distinct_count(sel, "workflow"),
     }
+
+
+def _exact(value, kind: str, money: Money):
+    """The unformatted value for CSV: money in the display unit, latencies in ms."""
+    if value is None:
+        return None
+    if kind == "money":
+        return money.amount(value).quantize(Decimal("0.000000001"))
+    if kind in ("ms", "pct"):
+        return round(value, 6)
+    return value
 
 
 def _display(value, kind: str, money: Money) -> str:
@@ -385,7 +403,7 @@ def cost_over_time(ctx: Context) -> WidgetData:
         title=f"Cost over time ({ctx.money.label})",
         columns=[
             Column("time", "Time", "time"),
-            Column("cost", f"Cost ({ctx.money.label})", "money"),
+            Column("cost_display", f"Cost ({ctx.money.label})", "money", csv_key="cost"),
         ],
         rows=table,
         figure=charts.time_bars(x, [("Cost", values, None)], ctx.money.label, hover),
@@ -497,7 +515,8 @@ def top_users(ctx: Context) -> WidgetData:
                 "link_param": f"user={uid}" if uid else "",
                 "requests": t.requests,
                 "total_tokens": t.total_tokens,
-                "cost": ctx.money.format(t.cost_nanos),
+                "cost_display": ctx.money.format(t.cost_nanos),
+                "cost": ctx.money.amount(t.cost_nanos),
             }
         )
     return WidgetData(
@@ -508,7 +527,7 @@ def top_users(ctx: Context) -> WidgetData:
             Column("user", "User", "link"),
             Column("requests", "Requests", "int"),
             Column("total_tokens", "Tokens", "int"),
-            Column("cost", "Cost", "money"),
+            Column("cost_display", "Cost", "money", csv_key="cost"),
         ],
         rows=rows,
         figure=charts.horizontal_bars(
@@ -526,7 +545,8 @@ def top_models(ctx: Context) -> WidgetData:
             "model": model,
             "requests": t.requests,
             "total_tokens": t.total_tokens,
-            "cost": ctx.money.format(t.cost_nanos),
+            "cost_display": ctx.money.format(t.cost_nanos),
+            "cost": ctx.money.amount(t.cost_nanos),
         }
         for i, (model, t) in enumerate(ranked, start=1)
     ]
@@ -538,7 +558,7 @@ def top_models(ctx: Context) -> WidgetData:
             Column("model", "Model"),
             Column("requests", "Requests", "int"),
             Column("total_tokens", "Tokens", "int"),
-            Column("cost", "Cost", "money"),
+            Column("cost_display", "Cost", "money", csv_key="cost"),
         ],
         rows=rows,
         figure=charts.horizontal_bars(

@@ -166,17 +166,39 @@ CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_ACKS_LATE = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
-CELERY_BEAT_SCHEDULE: dict = {}
+CELERY_BEAT_SCHEDULE: dict = {
+    # Budget alerts that a lost broker message missed, and deliveries never finished.
+    "budgets-sweep": {
+        "task": "metering.budgets_sweep",
+        "schedule": env_int("BUDGETS_SWEEP_SECONDS", 300),
+    },
+}
 
-EMAIL_BACKEND = env_str(
+# Email (Django 6.1 mailers). SMTP in production, the console in the demo.
+_EMAIL_BACKEND = env_str(
     "EMAIL_BACKEND",
     "django.core.mail.backends.smtp.EmailBackend"
     if PRODUCTION
     else "django.core.mail.backends.console.EmailBackend",
 )
-EMAIL_HOST = env_str("EMAIL_HOST", "localhost")
-EMAIL_PORT = env_int("EMAIL_PORT", 25)
+_EMAIL_OPTIONS: dict = {}
+if _EMAIL_BACKEND.endswith("smtp.EmailBackend"):
+    _EMAIL_OPTIONS = {
+        "host": env_str("EMAIL_HOST", "localhost"),
+        "port": env_int("EMAIL_PORT", 25),
+        "username": env_str("EMAIL_HOST_USER"),
+        "password": env_str("EMAIL_HOST_PASSWORD"),
+        "use_tls": env_bool("EMAIL_USE_TLS", False),
+    }
+MAILERS = {"default": {"BACKEND": _EMAIL_BACKEND, "OPTIONS": _EMAIL_OPTIONS}}
 DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "usage-dashboard@localhost")
+
+# Budget alerts (metering/budgets.py): links in emails and webhooks start with SITE_URL;
+# webhooks to private addresses are refused in production (SSRF).
+SITE_URL = env_str("SITE_URL", "http://127.0.0.1:8000")
+BUDGET_WEBHOOK_TIMEOUT = env_int("BUDGET_WEBHOOK_TIMEOUT", 5)
+BUDGET_WEBHOOK_ALLOW_PRIVATE = env_bool("BUDGET_WEBHOOK_ALLOW_PRIVATE", not PRODUCTION)
+BUDGET_ALERT_MAX_ATTEMPTS = env_int("BUDGET_ALERT_MAX_ATTEMPTS", 8)
 
 # Ingestion API limits (SPEC section 3).
 INGEST_MAX_EVENTS = 1000

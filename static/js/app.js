@@ -71,6 +71,30 @@
     }
   }, true);
 
+  // Pickers close on Escape and on a click outside them.
+  function closePickers(except) {
+    document.querySelectorAll("details.picker[open]").forEach(function (el) {
+      if (el !== except) { el.open = false; }
+    });
+  }
+  document.addEventListener("click", function (event) {
+    closePickers(event.target.closest ? event.target.closest("details.picker") : null);
+  });
+  document.addEventListener("keydown", function (event) {
+    if (event.key === "Escape") { closePickers(null); }
+  });
+
+  // Keep shared URLs short: drop empty and default filter values from requests.
+  document.addEventListener("htmx:configRequest", function (event) {
+    var params = event.detail.parameters;
+    if (!params || !event.detail.elt || event.detail.elt.id !== "filters") { return; }
+    var defaults = { status: "all", bucket: "auto" };
+    Object.keys(params).forEach(function (key) {
+      var value = params[key];
+      if (value === "" || defaults[key] === value) { delete params[key]; }
+    });
+  });
+
   // Close other pickers when one opens.
   document.addEventListener("toggle", function (event) {
     var el = event.target;
