@@ -135,11 +135,33 @@ def visible_organizations(user) -> QuerySet[Organization]:
     return Organization.objects.filter(id__in=ids)
 
 
+def _partial_scope_usage(scope: Scope) -> QuerySet[ScopeUsage15m] | None:
+    """Wide roll-up rows of the parts of `scope` that are not whole organizations.
+
+    Option lists take whole organizations from memberships (cheap) and only look up usage
+    for team / project / own / own-token scopes, through the roll-up's per-dimension
+    indexes, instead of scanning a whole organization's usage.
+    """
+    partial = Scope(
+        team_ids=scope.team_ids,
+        project_ids=scope.project_ids,
+        user_id=scope.user_id,
+        token_ids=scope.token_ids,
+    )
+    reach = set(scope.member_org_ids) - set(scope.org_ids)
+    reach |= set(
+        ApiToken.objects.filter(id__in=scope.token_ids).values_list("organization_id", flat=True)
+    )
+    # The organization leads every roll-up index: naming it lets each part of the
+    # scope use its own index.
+    return ScopeUsage15m.objects.filter(_rollup_scope_q(partial), organization_id__in=reach)
+
+
 def visible_teams(user) -> QuerySet[Team]:
     scope = viewer_scope(user)
     if scope.everything:
         return Team.objects.all()
-    ids = visible_scope_rollup(user).exclude(team_id=0).values("team_id")
+    ids = _partial_scope_usage(scope).exclude(team_id=0).values("team_id")
     return Team.objects.filter(
         Q(organization_id__in=scope.org_ids) | Q(id__in=scope.team_ids) | Q(id__in=ids)
     )
@@ -149,7 +171,7 @@ def visible_projects(user) -> QuerySet[Project]:
     scope = viewer_scope(user)
     if scope.everything:
         return Project.objects.all()
-    ids = visible_scope_rollup(user).exclude(project_id=0).values("project_id")
+    ids = _partial_scope_usage(scope).exclude(project_id=0).values("project_id")
     return Project.objects.filter(
         Q(organization_id__in=scope.org_ids) | Q(id__in=scope.project_ids) | Q(id__in=ids)
     )
@@ -161,21 +183,20 @@ def visible_users(user) -> QuerySet[User]:
     scope = viewer_scope(user)
     if scope.everything:
         return User.objects.all()
-    with_usage = visible_scope_rollup(user).exclude(user_id=0).values("user_id")
-    return User.objects.filter(
-        Q(id=scope.user_id)
-        | Q(memberships__organization_id__in=scope.org_ids)
-        | Q(memberships__team_id__in=scope.team_ids)
-        | Q(memberships__project_id__in=scope.project_ids)
-        | Q(id__in=with_usage)
-    ).distinct()
+    member_ids = Membership.objects.filter(
+        Q(organization_id__in=scope.org_ids)
+        | Q(team_id__in=scope.team_ids)
+        | Q(project_id__in=scope.project_ids)
+    ).values("user_id")
+    with_usage = _partial_scope_usage(scope).exclude(user_id=0).values("user_id")
+    return User.objects.filter(Q(id=scope.user_id) | Q(id__in=member_ids) | Q(id__in=with_usage))
 
 
 def visible_tokens(user) -> QuerySet[ApiToken]:
     scope = viewer_scope(user)
     if scope.everything:
         return ApiToken.objects.all()
-    with_usage = visible_scope_rollup(user).exclude(api_token_id=0).values("api_token_id")
+    with_usage = _partial_scope_usage(scope).exclude(api_token_id=0).values("api_token_id")
     return ApiToken.objects.filter(
         Q(organization_id__in=scope.org_ids) | Q(owner_id=scope.user_id) | Q(id__in=with_usage)
     )
