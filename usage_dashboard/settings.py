@@ -199,13 +199,21 @@ SITE_URL = env_str("SITE_URL", "http://127.0.0.1:8000")
 BUDGET_WEBHOOK_TIMEOUT = env_int("BUDGET_WEBHOOK_TIMEOUT", 5)
 BUDGET_WEBHOOK_ALLOW_PRIVATE = env_bool("BUDGET_WEBHOOK_ALLOW_PRIVATE", not PRODUCTION)
 BUDGET_ALERT_MAX_ATTEMPTS = env_int("BUDGET_ALERT_MAX_ATTEMPTS", 8)
+BUDGET_ALERT_RETRY_SECONDS = env_int("BUDGET_ALERT_RETRY_SECONDS", 30)  # doubles per retry
 
 # Ingestion API limits (SPEC section 3).
 INGEST_MAX_EVENTS = 1000
 INGEST_MAX_BYTES = 5 * 1024 * 1024
-# Django must let the body through so the view can answer 413 itself.
-DATA_UPLOAD_MAX_MEMORY_SIZE = INGEST_MAX_BYTES + 1024 * 1024
+# Gateway logging payloads (LiteLLM) carry prompts and responses that are dropped at once.
+INTEGRATION_MAX_BYTES = env_int("INTEGRATION_MAX_BYTES", 32 * 1024 * 1024)
+# Django must let the body through so the views can answer 413 themselves.
+DATA_UPLOAD_MAX_MEMORY_SIZE = max(INGEST_MAX_BYTES, INTEGRATION_MAX_BYTES) + 1024 * 1024
 INGEST_RATE_LIMIT_PER_MINUTE = env_int("INGEST_RATE_LIMIT_PER_MINUTE", 1200)
+
+# Events log CSV exports: above this many rows an export runs as a background task and
+# is written under EXPORTS_DIR (kept a day) instead of streaming in the request.
+EXPORT_ASYNC_THRESHOLD = env_int("EXPORT_ASYNC_THRESHOLD", 100_000)
+EXPORTS_DIR = DATA_DIR / "exports"
 
 # Content Security Policy from day one. Plotly writes style attributes, hence
 # 'unsafe-inline' for styles only; scripts come from our own static files.
