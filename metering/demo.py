@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import ROUND_CEILING, Decimal
 from zoneinfo import ZoneInfo
 
 from django.contrib.auth.hashers import make_password
@@ -18,7 +19,9 @@ from django.db import transaction
 from accounts.models import ApiToken, Membership, Organization, Project, Role, Team, User
 from accounts.tokens import token_issue
 
+from .budgets import budget_alerts_evaluate, budget_statuses
 from .ingest import ingest_batch
+from .models import NANOS_PER_USD, Budget, Pool
 
 DEMO_PASSWORD = "demo"  # noqa: S105 - documented demo login
 DEMO_LOGINS = {
@@ -423,6 +426,7 @@ def seed_demo(
     rng = random.Random(seed)
     end = (now or datetime.now(UTC)).replace(second=0, microsecond=0)
     senders = demo_tenants(rng)
+    demo_pools()
     clocks = {s.org.id: _Clock(rng, end, days, ZoneInfo(s.org.timezone)) for s in senders}
     weights = [s.weight for s in senders]
     sessions: dict = {}
@@ -441,6 +445,7 @@ def seed_demo(
         done += size
         if progress:
             progress(done, events, time.monotonic() - started)
+    demo_budgets(now=end)
     return {"events": done, "accepted": accepted, "seconds": time.monotonic() - started}
 
 
@@ -450,3 +455,71 @@ def demo_reset() -> None:
     User.objects.filter(email__endswith="@demo.test").delete()
     for plan in ORGS:
         User.objects.filter(email__endswith=f"@{plan.slug}.example").delete()
+
+
+# ---------------------------------------------------------------------------------------
+# Budgets and pools
+
+
+def demo_pools() -> None:
+    """A monthly tokens pool for Acme, before the events, so they are categorised."""
+    acme = Organization.objects.get(slug="acme")
+    Pool.objects.create(
+        organization=acme,
+        resource_type="tokens",
+        period="monthly",
+        limit=400_000_000,
+        base_allocation=1_000_000,
+    )
+
+
+def _amount_for(spent_nanos: int, share: Decimal, minimum: Decimal) -> Decimal:
+    """An amount of which `spent_nanos` is about `share` (so the demo shows each state)."""
+    spent = Decimal(spent_nanos) / NANOS_PER_USD
+    return max(minimum, (spent / share).quantize(Decimal("0.01"), rounding=ROUND_CEILING))
+
+
+def demo_budgets(*, now: datetime) -> None:
+    """Budgets in every state, sized from the seeded spend, and their alert history
+    (recorded as not sent: the demo people have no real mailboxes)."""
+    acme = Organization.objects.get(slug="acme")
+    member = User.objects.get(email="member@demo.test")
+    lead = User.objects.get(email="lead@demo.test")
+    platform = Team.objects.get(organization=acme, slug="platform")
+    support_bot = Project.objects.get(organization=acme, slug="support-bot")
+    lead_key = ApiToken.objects.filter(organization=acme, owner=lead, service_account="").first()
+    plans = [
+        # (subject, fields, period rule, share of the amount already spent, minimum)
+        (
+            "user",
+            {"user": member, "name": "Mia's monthly budget"},
+            {"period": "monthly"},
+            "0.62",
+            "5",
+        ),
+        ("team", {"team": platform}, {"period": "weekly", "week_start": 0}, "0.85", "5"),
+        ("project", {"project": support_bot}, {"period": "weekly", "week_start": 0}, "1.1", "1"),
+        ("org", {}, {"period": "monthly"}, "0.4", "100"),
+    ]
+    if lead_key is not None:
+        anchor = now.astimezone(ZoneInfo(acme.timezone)).date() - timedelta(days=9)
+        plans.append(
+            (
+                "token",
+                {"api_token": lead_key},
+                {"period": "every_n_days", "every_n_days": 14, "anchor": anchor},
+                "0.8",
+                "5",
+            )
+        )
+    for subject, target, rule, share, minimum in plans:
+        budget = Budget(organization=acme, subject=subject, amount_usd=Decimal(1), **target, **rule)
+        status = budget_statuses([budget], now)[0]
+        budget.amount_usd = _amount_for(status.spent_nanos, Decimal(share), Decimal(minimum))
+        budget.save()
+        budget_alerts_evaluate(budget=budget, now=now, deliver=False)
+    globex = Organization.objects.get(slug="globex")
+    budget = Budget(organization=globex, subject="org", amount_usd=Decimal(1), period="monthly")
+    spent = budget_statuses([budget], now)[0].spent_nanos
+    budget.amount_usd = _amount_for(spent, Decimal("0.3"), Decimal("50"))
+    budget.save()

@@ -9,6 +9,7 @@ the tables can later be distributed by organization.
 
 from decimal import Decimal
 
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import F, Q, Value
 from django.db.models.functions import Coalesce
@@ -126,6 +127,13 @@ class UsageEvent(models.Model):
             models.Index(fields=["organization", "timestamp", "id"], name="event_org_time"),
             # A member's own events and the user detail page.
             models.Index(fields=["organization", "user", "timestamp"], name="event_org_user_time"),
+            # A team lead's and a project admin's scope: with the user and token indexes
+            # the scope predicate (team OR project OR user OR token) becomes a BitmapOr
+            # of narrow index scans instead of a scan of the organization's events.
+            models.Index(fields=["organization", "team", "timestamp"], name="event_org_team_time"),
+            models.Index(
+                fields=["organization", "project", "timestamp"], name="event_org_project_time"
+            ),
             # Events sent through tokens a member owns (part of the member's scope).
             models.Index(
                 fields=["organization", "api_token", "timestamp"], name="event_org_token_time"
@@ -306,3 +314,386 @@ class LatencyHistogramHourly(models.Model):  # noqa: DJ008
 
     class Meta:
         db_table = "metering_latency_hist_hourly"
+
+
+# ---------------------------------------------------------------------------------------
+# Budgets, spend alerts and resource pools (SPEC section 5)
+
+
+class PeriodKind(models.TextChoices):
+    DAILY = "daily", "Daily"
+    WEEKLY = "weekly", "Weekly"
+    MONTHLY = "monthly", "Monthly"
+    EVERY_N_DAYS = "every_n_days", "Every N days"
+
+
+class Weekday(models.IntegerChoices):
+    MONDAY = 0
+    TUESDAY = 1
+    WEDNESDAY = 2
+    THURSDAY = 3
+    FRIDAY = 4
+    SATURDAY = 5
+    SUNDAY = 6
+
+
+class PeriodRule(models.Model):
+    """How a budget or pool splits time into periods, in its organization's time zone.
+
+    Periods always start at a local midnight, so every boundary falls on a 15-minute mark
+    of UTC and the 15-minute counters below sum to a period exactly. budgets.period_at()
+    does the calendar arithmetic.
+    """
+
+    period = models.CharField(max_length=16, choices=PeriodKind.choices, default="monthly")
+    week_start = models.PositiveSmallIntegerField(
+        choices=Weekday.choices,
+        default=Weekday.MONDAY,
+        help_text="Weekly periods start on this day.",
+    )
+    month_day = models.PositiveSmallIntegerField(
+        default=1,
+        validators=[MinValueValidator(1), MaxValueValidator(31)],
+        help_text="Monthly periods start on this day of the month (the last day in shorter months).",
+    )
+    every_n_days = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1), MaxValueValidator(366)],
+        help_text="Length in days of an every-N-days period.",
+    )
+    anchor = models.DateField(
+        null=True, blank=True, help_text="An every-N-days period starts on this date."
+    )
+
+    class Meta:
+        abstract = True
+
+
+class BudgetSubject(models.TextChoices):
+    """What a budget (and a spend counter row) is about."""
+
+    ORGANIZATION = "org", "Organization"
+    TEAM = "team", "Team"
+    PROJECT = "project", "Project"
+    USER = "user", "User"
+    TOKEN = "token", "API token"
+
+
+DEFAULT_THRESHOLDS = [50, 80, 100]
+
+
+def default_thresholds() -> list[int]:
+    return list(DEFAULT_THRESHOLDS)
+
+
+class Budget(PeriodRule):
+    """An amount of USD one subject may spend per period.
+
+    Spend is never stored on the budget: it is summed from BudgetSpend15m over the
+    current period's bounds, so changing the period or the amount takes effect at once
+    and spend already made in the new period stays counted.
+    """
+
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="budgets", db_index=False
+    )
+    subject = models.CharField(max_length=8, choices=BudgetSubject.choices)
+    user = models.ForeignKey(
+        User, null=True, blank=True, on_delete=models.CASCADE, related_name="budgets"
+    )
+    team = models.ForeignKey(
+        Team, null=True, blank=True, on_delete=models.CASCADE, related_name="budgets"
+    )
+    project = models.ForeignKey(
+        Project, null=True, blank=True, on_delete=models.CASCADE, related_name="budgets"
+    )
+    api_token = models.ForeignKey(
+        ApiToken, null=True, blank=True, on_delete=models.CASCADE, related_name="budgets"
+    )
+    name = models.CharField(max_length=200, blank=True)
+    amount_usd = models.DecimalField(
+        max_digits=16, decimal_places=4, validators=[MinValueValidator(Decimal("0.0001"))]
+    )
+    thresholds = models.JSONField(
+        default=default_thresholds, help_text="Percentages of the amount that send an alert."
+    )
+    is_active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    changed_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the amount or the period rule last changed."
+    )
+    created_by = models.ForeignKey(
+        User, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+
+    class Meta:
+        ordering = ["organization", "subject", "id"]
+        constraints = [
+            # Exactly the column that `subject` names is set (none for the organization).
+            models.CheckConstraint(
+                condition=(
+                    Q(
+                        subject="org",
+                        user__isnull=True,
+                        team__isnull=True,
+                        project__isnull=True,
+                        api_token__isnull=True,
+                    )
+                    | Q(
+                        subject="user",
+                        user__isnull=False,
+                        team__isnull=True,
+                        project__isnull=True,
+                        api_token__isnull=True,
+                    )
+                    | Q(
+                        subject="team",
+                        user__isnull=True,
+                        team__isnull=False,
+                        project__isnull=True,
+                        api_token__isnull=True,
+                    )
+                    | Q(
+                        subject="project",
+                        user__isnull=True,
+                        team__isnull=True,
+                        project__isnull=False,
+                        api_token__isnull=True,
+                    )
+                    | Q(
+                        subject="token",
+                        user__isnull=True,
+                        team__isnull=True,
+                        project__isnull=True,
+                        api_token__isnull=False,
+                    )
+                ),
+                name="budget_subject_column",
+            ),
+        ]
+        indexes = [
+            # Ingestion and the check API load an organization's active budgets.
+            models.Index(fields=["organization", "is_active"], name="budget_org_active"),
+        ]
+
+    def __str__(self):
+        return self.name or f"{self.get_subject_display()} budget"
+
+    @property
+    def subject_id(self) -> int:
+        """The id the spend counter keys this budget's subject by."""
+        return {
+            BudgetSubject.ORGANIZATION: self.organization_id,
+            BudgetSubject.USER: self.user_id,
+            BudgetSubject.TEAM: self.team_id,
+            BudgetSubject.PROJECT: self.project_id,
+            BudgetSubject.TOKEN: self.api_token_id,
+        }[self.subject]
+
+    @property
+    def limit_nanos(self) -> int:
+        return int(self.amount_usd * NANOS_PER_USD)
+
+
+class BudgetSpend15m(models.Model):  # noqa: DJ008
+    """Spend (cost) per budget subject per 15 minutes, counted at ingest.
+
+    One row per (subject, id, bucket) with any cost; every event adds to its
+    organization, user, team, project and token rows. A budget's spend is one indexed
+    range sum here (a month is at most 2,976 rows), whatever the budget's period rule,
+    so the check API stays cheap and a budget created or changed today sees all spend
+    already made in its period.
+    """
+
+    pk = models.CompositePrimaryKey("organization", "subject", "subject_id", "bucket")
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, db_index=False)
+    subject = models.CharField(max_length=8, choices=BudgetSubject.choices)
+    subject_id = models.BigIntegerField()
+    bucket = models.BigIntegerField()  # UTC epoch seconds of the bucket's start
+    cost_nanos = models.BigIntegerField(default=0)
+
+    class Meta:
+        db_table = "metering_budget_spend_15m"
+        # PostgreSQL also gets a covering index (organization, subject, subject_id,
+        # bucket) INCLUDE (cost_nanos), created by migration 0002 with SQL: budget checks
+        # then sum one subject's range with an index-only scan (the heap rows of one
+        # subject are scattered, one page per row). SQLite has no INCLUDE (and its rowid
+        # lookups are cheap), so the model does not declare it.
+
+
+class AlertWebhook(models.Model):
+    """An HTTPS endpoint that receives every budget alert of its organization as JSON,
+    signed with HMAC-SHA256 of `secret` (see budgets.webhook_signature)."""
+
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="alert_webhooks"
+    )
+    url = models.URLField(max_length=500)
+    description = models.CharField(max_length=200, blank=True)
+    secret = models.CharField(max_length=100, editable=False)
+    is_active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["organization", "id"]
+
+    def __str__(self):
+        return self.description or self.url
+
+
+class AlertState(models.TextChoices):
+    PENDING = "pending", "Pending"
+    SENT = "sent", "Sent"
+    FAILED = "failed", "Failed"
+    SKIPPED = "skipped", "Not sent"
+
+
+class BudgetAlert(models.Model):
+    """One threshold crossed in one period of one budget: exists at most once.
+
+    The unique constraint is what makes an alert go out exactly once per threshold and
+    period, however many ingest transactions and task retries see the crossing: each
+    inserts if absent, and only the inserter delivers. Delivery state is per channel
+    (email_sent_at, webhooks_done), so a retry never repeats a channel that succeeded.
+    """
+
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, db_index=False)
+    budget = models.ForeignKey(Budget, on_delete=models.CASCADE, related_name="alerts")
+    period_start = models.DateTimeField()
+    period_end = models.DateTimeField()
+    threshold = models.PositiveSmallIntegerField()
+    spent_nanos = models.BigIntegerField()
+    limit_nanos = models.BigIntegerField()
+    created_at = models.DateTimeField(auto_now_add=True)
+    state = models.CharField(max_length=10, choices=AlertState.choices, default="pending")
+    attempts = models.PositiveSmallIntegerField(default=0)
+    claimed_until = models.DateTimeField(null=True, blank=True)
+    email_recipients = models.JSONField(default=list, blank=True)
+    email_sent_at = models.DateTimeField(null=True, blank=True)
+    webhooks_done = models.JSONField(default=list, blank=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "budget", "period_start", "threshold"],
+                name="budget_alert_once_per_period",
+            ),
+        ]
+        indexes = [
+            # The sweep re-sends alerts whose delivery has not finished.
+            models.Index(
+                fields=["state", "created_at"],
+                name="budget_alert_pending",
+                condition=Q(state="pending"),
+            ),
+        ]
+
+    def __str__(self):
+        return f"{self.budget} reached {self.threshold} %"
+
+
+class Pool(PeriodRule):
+    """An organization's limit on one resource type per period, with a base per user.
+
+    Consumption within a user's base is `allocated`; beyond it, it draws on the surplus
+    (the limit minus every base allocation) and is `surplus`; an event that crosses the
+    line is `hybrid`. Amounts are tokens (input + output), bytes or OCR pages.
+    """
+
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="pools", db_index=False
+    )
+    resource_type = models.CharField(max_length=10, choices=ResourceType.choices)
+    limit = models.PositiveBigIntegerField(help_text="The organization's total per period.")
+    base_allocation = models.PositiveBigIntegerField(
+        help_text="Each user's base per period (override it per user below)."
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    changed_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the limit, a base or the period rule changed."
+    )
+
+    class Meta:
+        ordering = ["organization", "resource_type"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "resource_type"], name="pool_per_org_resource"
+            )
+        ]
+
+    def __str__(self):
+        return f"{self.get_resource_type_display()} pool"
+
+
+class PoolAllocation(models.Model):
+    """A user's own base allocation in a pool, instead of the pool's default."""
+
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, db_index=False)
+    pool = models.ForeignKey(Pool, on_delete=models.CASCADE, related_name="allocations")
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="pool_allocations")
+    base_allocation = models.PositiveBigIntegerField()
+
+    class Meta:
+        ordering = ["pool", "user"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "pool", "user"], name="pool_allocation_per_user"
+            )
+        ]
+
+    def __str__(self):
+        return f"{self.user} in {self.pool}"
+
+
+class PoolCounter(models.Model):  # noqa: DJ008
+    """What one user used of one pool in one period: the row ingestion locks.
+
+    Ingestion locks these rows (in key order) before it categorises events, so two
+    concurrent batches for the same user cannot both take the last of an allocation.
+    user_id 0 counts events without a user (they have no base: always surplus).
+    """
+
+    pk = models.CompositePrimaryKey("organization", "pool", "user_id", "period_start")
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, db_index=False)
+    pool = models.ForeignKey(Pool, on_delete=models.CASCADE)
+    user_id = models.BigIntegerField()
+    period_start = models.BigIntegerField()  # UTC epoch seconds
+    allocated_used = models.BigIntegerField(default=0)
+    surplus_used = models.BigIntegerField(default=0)
+
+    class Meta:
+        db_table = "metering_pool_counter"
+
+
+class PoolUsage15m(models.Model):  # noqa: DJ008
+    """Consumption per resource type, user and 15 minutes, split by pool category.
+
+    Feeds the pools page (surplus fluctuation and consumption charts) and seeds a
+    PoolCounter when a period's row is first needed. `unpooled` is consumption while
+    the organization had no pool for the resource type.
+    """
+
+    pk = models.CompositePrimaryKey("organization", "resource_type", "bucket", "user_id")
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, db_index=False)
+    resource_type = models.CharField(max_length=10)
+    bucket = models.BigIntegerField()
+    user_id = models.BigIntegerField()
+    allocated = models.BigIntegerField(default=0)
+    surplus = models.BigIntegerField(default=0)
+    unpooled = models.BigIntegerField(default=0)
+    events = models.BigIntegerField(default=0)
+    hybrid_events = models.BigIntegerField(default=0)
+
+    class Meta:
+        db_table = "metering_pool_usage_15m"
+        indexes = [
+            # One user's consumption (user pages, seeding a PoolCounter).
+            models.Index(
+                fields=["organization", "resource_type", "user_id", "bucket"],
+                name="pool15_user",
+            ),
+        ]

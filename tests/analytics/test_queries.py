@@ -1,0 +1,369 @@
+"""The read engine (analytics/queries.py): roll-ups plus raw edges are exact.
+
+Every answer is compared with sums computed here, in Python, over the raw UsageEvent rows,
+bucketed by local time with zoneinfo: across DST changes (Europe/Berlin 2026-03-29 and
+2026-10-25, America/New_York) and in +05:30 / +05:45 zones.
+"""
+
+import math
+import random
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from analytics.queries import (
+    DAY,
+    HOUR,
+    MINUTE,
+    Bucketing,
+    Selection,
+    grouped_totals,
+    latency_percentile,
+    totals,
+)
+from analytics.visibility import Scope, viewer_scope, visible_events
+from metering.models import UsageEvent
+from tests.factories import event_payload, ingest
+
+BERLIN = ZoneInfo("Europe/Berlin")
+KOLKATA = ZoneInfo("Asia/Kolkata")
+KATHMANDU = ZoneInfo("Asia/Kathmandu")
+NEW_YORK = ZoneInfo("America/New_York")
+
+# Four days around each DST change of 2026 (Berlin: March 29 and October 25;
+# New York: March 8 and November 1).
+PERIODS = {
+    "spring": datetime(2026, 3, 27, tzinfo=UTC),
+    "autumn": datetime(2026, 10, 23, tzinfo=UTC),
+    "ny-spring": datetime(2026, 3, 6, tzinfo=UTC),
+    "ny-autumn": datetime(2026, 10, 30, tzinfo=UTC),
+}
+SPAN = timedelta(days=4)
+
+
+def _ingest_period(personas, start: datetime, seed: int = 1) -> None:
+    """An event every 11 min 13 s (never on a 15-minute mark) for four days."""
+    rng = random.Random(seed)
+    tokens = [personas.service_token, personas.member_token]
+    by_token = defaultdict(list)
+    step = timedelta(minutes=11, seconds=13)
+    t = start + timedelta(seconds=17)
+    i = 0
+    while t < start + SPAN:
+        token = tokens[i % 2]
+        by_token[token].append(
+            event_payload(
+                request_id=f"{start:%m%d}-{i}",
+                timestamp=t,
+                model=rng.choice(["gpt-4o", "gpt-4o-mini", "claude-sonnet-4-5", "nopriced"]),
+                input_tokens=rng.randint(1, 3000),
+                output_tokens=rng.randint(0, 500),
+                latency_ms=rng.randint(50, 9000),
+                status_code=rng.choice([200, 200, 200, 200, 429, 500]),
+                team=rng.choice([None, "platform", "research"]),
+                project=rng.choice([None, "chatbot"]),
+            )
+        )
+        t += step
+        i += 1
+    for token, events in by_token.items():
+        for n in range(0, len(events), 1000):
+            result = ingest(personas.org, events[n : n + 1000], token=token)
+            assert not result.rejected
+
+
+@pytest.fixture
+def spring(personas):
+    _ingest_period(personas, PERIODS["spring"])
+    return personas
+
+
+@pytest.fixture
+def autumn(personas):
+    _ingest_period(personas, PERIODS["autumn"])
+    return personas
+
+
+def _local_bucket(ts: datetime, tz: ZoneInfo, width: int) -> int:
+    """The UTC epoch at which `ts`'s local bucket starts (computed independently)."""
+    if width == MINUTE:
+        return int(ts.timestamp()) // 60 * 60
+    local = ts.astimezone(tz)
+    if width == HOUR:
+        return int(local.replace(minute=0, second=0, microsecond=0).timestamp())
+    return int(datetime(local.year, local.month, local.day, tzinfo=tz).timestamp())
+
+
+def _raw_buckets(events, tz: ZoneInfo, width: int) -> dict[int, tuple]:
+    out: dict[int, list] = defaultdict(lambda: [0, 0, 0, 0, 0])
+    for e in events:
+        acc = out[_local_bucket(e.timestamp, tz, width)]
+        acc[0] += 1
+        acc[1] += e.status_code >= 400
+        acc[2] += e.input_tokens
+        acc[3] += e.output_tokens
+        acc[4] += e.cost_nanos
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def _answer_buckets(grouped) -> dict[int, tuple]:
+    out: dict[int, list] = defaultdict(lambda: [0, 0, 0, 0, 0])
+    for key, t in grouped.rows.items():
+        acc = out[key[0]]
+        for i, value in enumerate(
+            (t.requests, t.failed_requests, t.input_tokens, t.output_tokens, t.cost_nanos)
+        ):
+            acc[i] += value
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def _org_selection(personas, start, end, **filters) -> Selection:
+    scope = viewer_scope(personas.org_admin)
+    return Selection(scope=scope, start=start, end=end, org_ids=(personas.org.id,), **filters)
+
+
+def _raw_events(personas, start, end, **filters):
+    qs = UsageEvent.objects.filter(
+        organization=personas.org, timestamp__gte=start, timestamp__lt=end
+    )
+    return list(qs.filter(**filters))
+
+
+# ---------------------------------------------------------------------------------------
+# Local buckets across DST and in half-hour zones
+
+
+@pytest.mark.parametrize("period", list(PERIODS))
+def test_local_buckets_equal_raw_sums(personas, subtests, period):
+    base = PERIODS[period]
+    _ingest_period(personas, base)
+    start = base + timedelta(hours=2, minutes=7, seconds=41)
+    end = base + SPAN - timedelta(hours=3, minutes=2, seconds=9)
+    sel = _org_selection(personas, start, end)
+    events = _raw_events(personas, start, end)
+
+    for tz in (BERLIN, NEW_YORK, KOLKATA, KATHMANDU):
+        for width in (HOUR, DAY):
+            with subtests.test(tz=str(tz), width=width):
+                answer = _answer_buckets(grouped_totals(sel, (), Bucketing(width, tz)))
+
+                assert answer == _raw_buckets(events, tz, width)
+
+
+@pytest.mark.parametrize(
+    ("period", "days"),
+    [("spring", {(2026, 3, 29): 23, (2026, 3, 28): 24}), ("autumn", {(2026, 10, 25): 25})],
+)
+def test_hourly_sums_equal_the_daily_total_across_a_dst_change(personas, subtests, period, days):
+    _ingest_period(personas, PERIODS[period])
+    for day, hours in days.items():
+        with subtests.test(day=day):
+            _check_hours_add_up_to_the_day(personas, datetime(*day, tzinfo=BERLIN), hours)
+
+
+def _check_hours_add_up_to_the_day(personas, local_midnight: datetime, hours: int) -> None:
+    start = local_midnight - timedelta(days=1)
+    end = local_midnight + timedelta(days=2)
+    sel = _org_selection(personas, start, end)
+    next_midnight = datetime.combine(
+        local_midnight.date() + timedelta(days=1), datetime.min.time(), tzinfo=BERLIN
+    )
+    day_start, day_end = int(local_midnight.timestamp()), int(next_midnight.timestamp())
+
+    daily = _answer_buckets(grouped_totals(sel, (), Bucketing(DAY, BERLIN)))
+    hourly = _answer_buckets(grouped_totals(sel, (), Bucketing(HOUR, BERLIN)))
+    hours_of_day = {k: v for k, v in hourly.items() if day_start <= k < day_end}
+
+    assert len(hours_of_day) == hours
+    assert tuple(map(sum, zip(*hours_of_day.values(), strict=True))) == daily[day_start]
+
+
+def test_buckets_start_at_local_boundaries_in_quarter_hour_zones(spring, subtests):
+    start = PERIODS["spring"] + timedelta(hours=1)
+    end = start + timedelta(days=2)
+    sel = _org_selection(spring, start, end)
+
+    with subtests.test("days start at local midnight"):
+        kolkata = grouped_totals(sel, (), Bucketing(DAY, KOLKATA))
+        kathmandu = grouped_totals(sel, (), Bucketing(DAY, KATHMANDU))
+        for grouped, tz in ((kolkata, KOLKATA), (kathmandu, KATHMANDU)):
+            for (key,) in grouped.rows:
+                local = datetime.fromtimestamp(key, tz)
+                assert (local.hour, local.minute, local.second) == (0, 0, 0)
+        # 2026-03-28 00:00 in Kolkata is 2026-03-27 18:30 UTC; in Kathmandu 18:15 UTC.
+        assert epoch(2026, 3, 27, 18, 30) in {k[0] for k in kolkata.rows}
+        assert epoch(2026, 3, 27, 18, 15) in {k[0] for k in kathmandu.rows}
+
+    with subtests.test("Kathmandu hours start at a quarter past the UTC hour"):
+        grouped = grouped_totals(sel, (), Bucketing(HOUR, KATHMANDU))
+        assert {datetime.fromtimestamp(k[0], UTC).minute for k in grouped.rows} == {15}
+
+    with subtests.test("Kolkata hours start at half past the UTC hour"):
+        grouped = grouped_totals(sel, (), Bucketing(HOUR, KOLKATA))
+        assert {datetime.fromtimestamp(k[0], UTC).minute for k in grouped.rows} == {30}
+
+
+def epoch(*parts) -> int:
+    return int(datetime(*parts, tzinfo=UTC).timestamp())
+
+
+@pytest.mark.parametrize("tz", [ZoneInfo("UTC"), KATHMANDU], ids=["UTC", "Kathmandu"])
+def test_minute_buckets_equal_raw_sums(spring, tz):
+    start = PERIODS["spring"] + timedelta(hours=30, seconds=11)
+    end = start + timedelta(hours=2, minutes=3)
+    sel = _org_selection(spring, start, end)
+
+    answer = _answer_buckets(grouped_totals(sel, (), Bucketing(MINUTE, tz)))
+
+    assert answer == _raw_buckets(_raw_events(spring, start, end), tz, MINUTE)
+
+
+# ---------------------------------------------------------------------------------------
+# Ranges not aligned to 15 minutes, and every source
+
+
+def _totals_tuple(t) -> tuple:
+    return (t.requests, t.failed_requests, t.input_tokens, t.output_tokens, t.cost_nanos)
+
+
+def _raw_tuple(events) -> tuple:
+    return (
+        len(events),
+        sum(e.status_code >= 400 for e in events),
+        sum(e.input_tokens for e in events),
+        sum(e.output_tokens for e in events),
+        sum(e.cost_nanos for e in events),
+    )
+
+
+def test_unaligned_ranges_are_exact_to_the_second(autumn, subtests):
+    rng = random.Random(5)
+    base = PERIODS["autumn"]
+    for _ in range(25):
+        start = base + timedelta(seconds=rng.randint(0, 3 * 86400))
+        end = start + timedelta(seconds=rng.randint(1, 86400 + 7))
+        with subtests.test(start=start.isoformat(), end=end.isoformat()):
+            sel = _org_selection(autumn, start, end)
+
+            assert _totals_tuple(totals(sel)) == _raw_tuple(_raw_events(autumn, start, end))
+
+
+def test_filters_narrow_exactly_like_on_raw_events(autumn, subtests):
+    cases = {
+        "none": ({}, {}),
+        "models": (
+            {"models": ("gpt-4o", "nopriced")},
+            {"model__in": ("gpt-4o", "nopriced")},
+        ),
+        "failed": ({"status": "failed"}, {"status_code__gte": 400}),
+        "ok": ({"status": "ok"}, {"status_code__lt": 400}),
+        "operation": ({"operations": ("chat",)}, {"operation": "chat"}),
+        "team": ({"team_ids": (autumn.platform_team.id,)}, {"team": autumn.platform_team}),
+        "project": (
+            {"project_ids": (autumn.chatbot_project.id,)},
+            {"project": autumn.chatbot_project},
+        ),
+        "user": ({"user_ids": (autumn.member.id,)}, {"user": autumn.member}),
+        "token": ({"token_ids": (autumn.member_token.id,)}, {"api_token": autumn.member_token}),
+        "team and model": (
+            {"team_ids": (autumn.research_team.id,), "models": ("gpt-4o-mini",)},
+            {"team": autumn.research_team, "model": "gpt-4o-mini"},
+        ),
+    }
+    start = PERIODS["autumn"] + timedelta(hours=5, minutes=3, seconds=1)
+    end = start + timedelta(days=2, minutes=59, seconds=58)
+    for name, (filters, raw_filters) in cases.items():
+        with subtests.test(name):
+            sel = _org_selection(autumn, start, end, **filters)
+
+            got = _answer_buckets(grouped_totals(sel, (), Bucketing(DAY, BERLIN)))
+
+            expected = _raw_buckets(_raw_events(autumn, start, end, **raw_filters), BERLIN, DAY)
+            assert got == expected
+
+
+def test_grouping_by_a_dimension_gives_one_group_per_value(autumn, subtests):
+    """A missing team (or project, token) is one group, from raw edges and roll-ups alike."""
+    start = PERIODS["autumn"] + timedelta(hours=1, minutes=1, seconds=1)
+    end = start + timedelta(days=1, hours=1, seconds=1)
+    events = _raw_events(autumn, start, end)
+    for dim in ("model", "team_id", "project_id", "user_id", "api_token_id", "status_code"):
+        with subtests.test(dim):
+            expected: dict = defaultdict(int)
+            for e in events:
+                expected[getattr(e, dim)] += 1
+
+            got = grouped_totals(_org_selection(autumn, start, end), (dim,))
+
+            assert {key[1]: t.requests for key, t in got.rows.items()} == dict(expected)
+
+
+def test_scoped_viewers_get_exact_totals_of_their_scope(autumn, subtests):
+    start = PERIODS["autumn"] + timedelta(minutes=44, seconds=44)
+    end = start + timedelta(days=3, minutes=1)
+    for persona in ("team_lead", "project_admin", "member", "outsider", "platform_admin"):
+        with subtests.test(persona):
+            user = autumn.users[persona]
+            sel = Selection(scope=viewer_scope(user), start=start, end=end)
+            visible = visible_events(user).filter(timestamp__gte=start, timestamp__lt=end)
+
+            assert _totals_tuple(totals(sel)) == _raw_tuple(list(visible))
+
+
+def test_an_empty_scope_reads_nothing(autumn):
+    start = PERIODS["autumn"]
+    sel = Selection(scope=Scope(), start=start, end=start + SPAN)
+
+    assert totals(sel).requests == 0
+
+
+# ---------------------------------------------------------------------------------------
+# Latency percentiles
+
+
+def _exact_p95(values: list[int]) -> int:
+    ordered = sorted(values)
+    return ordered[math.ceil(0.95 * len(ordered)) - 1]
+
+
+def test_org_wide_p95_from_the_histogram_is_within_5_percent(personas, monkeypatch):
+    rng = random.Random(11)
+    start = datetime(2026, 8, 3, 0, 0, 17, tzinfo=UTC)
+    events = [
+        event_payload(
+            timestamp=start + timedelta(seconds=rng.randint(0, 2 * 86400)),
+            latency_ms=int(rng.lognormvariate(6.5, 1.1)) + 5,
+        )
+        for _ in range(3000)
+    ]
+    for n in range(0, len(events), 1000):
+        ingest(personas.org, events[n : n + 1000], token=personas.service_token)
+    begin = start + timedelta(minutes=23, seconds=5)
+    end = start + timedelta(days=1, hours=20, minutes=41, seconds=3)
+    sel = _org_selection(personas, begin, end)
+    exact = _exact_p95([e.latency_ms for e in _raw_events(personas, begin, end)])
+
+    def no_raw_percentile(*args):
+        raise AssertionError("an org-wide p95 over days must come from the histogram")
+
+    monkeypatch.setattr("analytics.queries._raw_percentile", no_raw_percentile)
+    estimate = latency_percentile(sel, 0.95)
+
+    assert abs(estimate - exact) <= 0.05 * exact
+
+
+def test_scoped_p95_is_exact(autumn):
+    start = PERIODS["autumn"] + timedelta(hours=3)
+    end = start + timedelta(days=2)
+    sel = _org_selection(autumn, start, end, team_ids=(autumn.platform_team.id,))
+    values = [e.latency_ms for e in _raw_events(autumn, start, end, team=autumn.platform_team)]
+
+    assert latency_percentile(sel, 0.95) == _exact_p95(values)
+
+
+def test_p95_of_nothing_is_none(personas):
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+
+    assert latency_percentile(_org_selection(personas, start, start + SPAN)) is None

@@ -1,0 +1,209 @@
+"""The visibility gate (analytics/visibility.py): each persona sees exactly its scope."""
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from django.contrib.auth.models import AnonymousUser
+from django.db.models import Count, Sum
+
+from accounts.models import Membership, Role, User
+from analytics.visibility import (
+    scope_q,
+    viewer_scope,
+    visible_events,
+    visible_organizations,
+    visible_projects,
+    visible_scope_rollup,
+    visible_teams,
+    visible_tokens,
+    visible_users,
+)
+from metering.models import ScopeUsage15m, UsageEvent
+from tests.factories import event_payload, ingest
+
+WHEN = datetime(2026, 5, 4, 9, 0, tzinfo=UTC)
+
+# request_id -> who may see it (besides the platform admin, who sees everything).
+EXPECTED = {
+    "member-own": {"org_admin", "member"},
+    "member-token-for-contractor": {"org_admin", "member"},
+    "lead-own-platform-chatbot": {"org_admin", "team_lead", "project_admin"},
+    "platform-dev": {"org_admin", "team_lead"},
+    "chatbot-dev": {"org_admin", "project_admin"},
+    "research-search": {"org_admin"},
+    "unattributed": {"org_admin"},
+    "project-admin-own": {"org_admin", "project_admin"},
+    "beta-outsider": {"outsider"},
+    "beta-service": set(),
+}
+
+
+def _ingest_world(personas) -> None:
+    alpha, beta = personas.org, personas.other_org
+    at = iter(WHEN + timedelta(minutes=13 * i) for i in range(100))
+
+    def ev(request_id, **fields):
+        return event_payload(request_id=request_id, timestamp=next(at), **fields)
+
+    results = [
+        ingest(
+            alpha,
+            [
+                ev("member-own", user=personas.member.email),
+                ev("lead-own-platform-chatbot", user=personas.team_lead.email, project="chatbot"),
+                ev("platform-dev", user="dev1@example.test", team="platform"),
+                ev("chatbot-dev", user="dev2@example.test", team="research", project="chatbot"),
+                ev("research-search", user="dev3@example.test", team="research", project="search"),
+                ev("unattributed"),
+                ev("project-admin-own", user=personas.project_admin.email, team="research"),
+            ],
+            token=personas.service_token,
+        ),
+        ingest(
+            alpha,
+            [ev("member-token-for-contractor", user="contractor@example.test")],
+            token=personas.member_token,
+        ),
+        ingest(beta, [ev("beta-outsider")], token=personas.outsider_token),
+        ingest(beta, [ev("beta-service", team="secret-team")]),
+    ]
+    assert all(not r.rejected for r in results)
+
+
+@pytest.fixture
+def world(personas):
+    _ingest_world(personas)
+    return personas
+
+
+def _fresh(user: User) -> User:
+    """The user without the scope cached on the instance."""
+    return User.objects.get(pk=user.pk)
+
+
+@pytest.mark.parametrize(
+    "persona", ["org_admin", "team_lead", "project_admin", "member", "outsider"]
+)
+def test_each_persona_sees_exactly_its_scope(world, persona):
+    user = world.users[persona]
+    expected = {rid for rid, viewers in EXPECTED.items() if persona in viewers}
+
+    seen = set(visible_events(user).values_list("request_id", flat=True))
+
+    assert seen == expected
+
+
+def test_platform_admin_sees_everything(world):
+    seen = set(visible_events(world.platform_admin).values_list("request_id", flat=True))
+
+    assert seen == set(EXPECTED)
+
+
+def test_member_sees_only_own_events_and_own_tokens_events(world):
+    events = visible_events(world.member)
+
+    assert all(
+        e.user_id == world.member.id or e.api_token_id == world.member_token.id for e in events
+    )
+
+
+def test_outsider_sees_nothing_of_the_other_organization(world):
+    assert not visible_events(world.outsider).filter(organization=world.org).exists()
+    assert not visible_scope_rollup(world.outsider).filter(organization=world.org).exists()
+
+
+@pytest.mark.parametrize(
+    "persona", ["platform_admin", "org_admin", "team_lead", "project_admin", "member", "outsider"]
+)
+def test_scope_predicate_gives_the_same_sums_on_the_rollup_as_on_events(world, persona):
+    scope = viewer_scope(world.users[persona])
+    measures = ("input_tokens", "output_tokens", "cost_nanos")
+
+    raw = UsageEvent.objects.filter(scope_q(scope)).aggregate(
+        requests=Count("id"), **{m: Sum(m) for m in measures}
+    )
+    rolled = ScopeUsage15m.objects.filter(scope_q(scope)).aggregate(
+        requests=Sum("requests"), **{m: Sum(m) for m in measures}
+    )
+    gated = visible_scope_rollup(world.users[persona]).aggregate(
+        requests=Sum("requests"), **{m: Sum(m) for m in measures}
+    )
+
+    assert rolled == raw
+    assert gated["requests"] == raw["requests"] or (
+        gated["requests"] is None and raw["requests"] == 0
+    )
+
+
+def test_visibility_is_the_union_of_every_role(world):
+    Membership.objects.create(
+        organization=world.org,
+        user=world.team_lead,
+        role=Role.PROJECT_ADMIN,
+        project=world.chatbot_project,
+    )
+    lead = _fresh(world.team_lead)
+    expected = {
+        rid for rid, viewers in EXPECTED.items() if {"team_lead", "project_admin"} & viewers
+    }
+
+    seen = set(visible_events(lead).values_list("request_id", flat=True))
+
+    assert seen == expected
+
+
+def test_a_person_in_two_organizations_sees_each_by_their_role_there(world):
+    Membership.objects.create(organization=world.other_org, user=world.member, role=Role.ORG_ADMIN)
+    member = _fresh(world.member)
+
+    seen = set(visible_events(member).values_list("request_id", flat=True))
+
+    assert seen == {"member-own", "member-token-for-contractor", "beta-outsider", "beta-service"}
+
+
+def test_a_team_lead_membership_without_a_team_grants_nothing(world):
+    lonely = User.objects.create_user("lonely@example.test")
+    Membership.objects.create(organization=world.org, user=lonely, role=Role.TEAM_LEAD)
+
+    assert not visible_events(lonely).exists()
+
+
+@pytest.mark.parametrize("who", ["anonymous", "inactive"])
+def test_anonymous_and_inactive_people_see_nothing(world, who):
+    if who == "anonymous":
+        user = AnonymousUser()
+    else:
+        user = _fresh(world.org_admin)
+        user.is_active = False
+
+    assert not visible_events(user).exists()
+    assert not visible_scope_rollup(user).exists()
+
+
+def test_option_lists_never_name_the_other_organizations_objects(world):
+    outsider = world.outsider
+
+    assert set(visible_organizations(outsider)) == {world.other_org}
+    assert world.platform_team not in visible_teams(outsider)
+    assert world.chatbot_project not in visible_projects(outsider)
+    assert world.org_admin not in visible_users(outsider)
+    assert world.service_token not in visible_tokens(outsider)
+
+
+def test_option_lists_of_a_member_stay_within_their_scope(world):
+    member = world.member
+
+    assert set(visible_organizations(member)) == {world.org}
+    assert world.secret_team not in visible_teams(member)
+    assert world.outsider not in visible_users(member)
+    # Their own token, and the gateway their own events came through; nothing else.
+    assert set(visible_tokens(member)) == {world.member_token, world.service_token}
+
+
+def test_org_admin_option_lists_cover_the_organization(world):
+    admin = world.org_admin
+
+    assert {world.platform_team, world.research_team} <= set(visible_teams(admin))
+    assert world.secret_team not in visible_teams(admin)
+    assert {world.service_token, world.member_token} <= set(visible_tokens(admin))
+    assert world.outsider_token not in visible_tokens(admin)
