@@ -27,6 +27,7 @@ GROUP_COLUMNS = {
 }
 DEFAULT_LIMIT = {"1m": 60, "1h": 24, "1d": 7}
 MAX_LIMIT = {"1m": 1440, "1h": 744, "1d": 366}
+LATEST_TIME = 32503680000  # 3000-01-01: far enough, and local calendars still work
 NO_MATCH = (-1,)
 
 
@@ -133,6 +134,8 @@ def _usage_page(request, scope: Scope, forced_orgs: tuple[int, ...]) -> dict:
     end = _int_param(request, "end_time", int(timezone.now().timestamp()))
     if end <= start:
         raise BadRequest("end_time must be after start_time.")
+    if start < 0 or end > LATEST_TIME:
+        raise BadRequest(f"start_time and end_time must be Unix seconds from 0 to {LATEST_TIME}.")
     try:
         tz = ZoneInfo(request.GET.get("tz") or "UTC")
     except (ZoneInfoNotFoundError, ValueError):
@@ -152,7 +155,7 @@ def _usage_page(request, scope: Scope, forced_orgs: tuple[int, ...]) -> dict:
         page_start = _cursor_decode(request.GET["page"])
         if not start <= page_start < end:
             raise BadRequest("page does not belong to this start_time/end_time.")
-    keys = bucketing.keys(page_start, end)
+    keys = bucketing.keys(page_start, end, limit + 1)
     page_keys = keys[:limit]
     has_more = len(keys) > limit
     page_end = keys[limit] if has_more else end
@@ -193,7 +196,7 @@ def _usage_page(request, scope: Scope, forced_orgs: tuple[int, ...]) -> dict:
             "input_tokens": totals.input_tokens,
             "input_cached_tokens": totals.cached_input_tokens,
             "output_tokens": totals.output_tokens,
-            "cost_usd": str(nanos_to_usd(totals.cost_nanos)),
+            "cost_usd": f"{nanos_to_usd(totals.cost_nanos):f}",  # never 1.23E-7
             "latency_ms_avg": round(totals.latency_ms_avg, 3) if totals.requests else None,
         }
         for name in group_by:

@@ -176,7 +176,15 @@ def _upsert(table: str, keys: tuple, measures: tuple, rows: list[tuple]) -> None
     )
     placeholders = "(" + ", ".join(["%s"] * len(columns)) + ")"
     chunk_size = max(1, 30000 // len(columns))
+    column_list = ", ".join(quote(c) for c in columns)
+    conflict = f" ON CONFLICT ({', '.join(quote(k) for k in keys)}) DO UPDATE SET {updates}"
     with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            # Pipelined single-row upserts, still in key order (see write_rollups).
+            cursor.cursor.executemany(
+                f"INSERT INTO {quote(table)} ({column_list}) VALUES {placeholders}{conflict}", rows
+            )
+            return
         for start in range(0, len(rows), chunk_size):
             chunk = rows[start : start + chunk_size]
             sql = (
@@ -326,32 +334,24 @@ def reconcile_day(org_id: int, day_start: int) -> list[str]:
 def reconcile_days(org_id: int, since: int | None = None) -> tuple[list[int], list[str]]:
     """(UTC days to check, problems found outside them) for one organization.
 
-    A roll-up row in a day with no raw event at all is itself a mismatch; it is found by
-    listing the days that either side has data for.
+    The days that either side has data for: a roll-up row in a day with no raw event is
+    itself a mismatch, and empty days between sparse data (an old backfill) cost nothing.
     """
-    from django.db.models import Max, Min
+    from datetime import UTC, datetime
 
-    bounds = []
+    from django.db.models import F
+
+    from .models import UsageEvent
+
+    days: set[int] = set()
     for model in (OrgUsage15m, ScopeUsage15m, LatencyHistogramHourly):
         qs = model.objects.filter(organization_id=org_id)
         if since is not None:
             qs = qs.filter(bucket__gte=since)
-        agg = qs.aggregate(lo=Min("bucket"), hi=Max("bucket"))
-        if agg["lo"] is not None:
-            bounds.append((agg["lo"], agg["hi"]))
-    from .models import UsageEvent
-
+        day_numbers = qs.annotate(day=F("bucket") / DAY_SECONDS).values_list("day", flat=True)
+        days |= {d * DAY_SECONDS for d in day_numbers.distinct().order_by()}
     events = UsageEvent.objects.filter(organization_id=org_id)
     if since is not None:
-        from datetime import UTC, datetime
-
         events = events.filter(timestamp__gte=datetime.fromtimestamp(since, UTC))
-    agg = events.aggregate(lo=Min("timestamp"), hi=Max("timestamp"))
-    if agg["lo"] is not None:
-        bounds.append((epoch(agg["lo"]), epoch(agg["hi"])))
-    if not bounds:
-        return [], []
-    lo = min(b[0] for b in bounds)
-    hi = max(b[1] for b in bounds)
-    first = lo - lo % DAY_SECONDS
-    return list(range(first, hi + 1, DAY_SECONDS)), []
+    days |= {epoch(d) for d in events.datetimes("timestamp", "day", tzinfo=UTC)}
+    return sorted(days), []

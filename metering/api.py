@@ -25,7 +25,7 @@ def authenticate_or_401(request, scope: str) -> ApiToken | JsonResponse:
     if token is None:
         response = api_error(
             401,
-            f"Send a valid, unrevoked API token with the {scope!r} scope as 'Authorization: Bearer <token>'.",
+            f"Send a valid, unrevoked API token with the '{scope}' scope as 'Authorization: Bearer <token>'.",
         )
         response["WWW-Authenticate"] = 'Bearer realm="usage"'
         return response
@@ -98,7 +98,7 @@ def events_ingest(request):
         )
     try:
         payload = parse_json(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         return api_error(400, f"Malformed JSON: {exc}")
     if not isinstance(payload, dict) or not isinstance(payload.get("events"), list):
         return api_error(400, 'The body must be a JSON object {"events": [ ... ]}.')

@@ -68,10 +68,9 @@ class Command(BaseCommand):
         self.summary = {"accepted": 0, "duplicates": 0, "rejected": 0}
         self.orgs: dict[str, Organization | None] = {}
         pending: dict[int, list] = {}
-        lines = 0
+        self.lines = 0  # counted by _read, also the lines that are not JSON
         with path.open(newline="", encoding="utf-8") as handle:
             for line_no, event in self._read(handle, fmt):
-                lines += 1
                 target = default_org
                 if isinstance(event, dict) and event.get("organization"):
                     target = self._org(event.pop("organization"))
@@ -84,16 +83,16 @@ class Command(BaseCommand):
                 bucket.append((line_no, event))
                 if len(bucket) >= BATCH:
                     self._flush(target, pending.pop(target.id))
-                if lines % 10_000 == 0:
+                if self.lines % 10_000 == 0:
                     self.stdout.write(
-                        f"  {lines:,} lines read, {self.summary['accepted']:,} accepted so far"
+                        f"  {self.lines:,} lines read, {self.summary['accepted']:,} accepted so far"
                     )
         for org_id, items in pending.items():
             self._flush(Organization.objects.get(id=org_id), items)
         s = self.summary
         self.stdout.write(
             self.style.SUCCESS(
-                f"{lines:,} lines: {s['accepted']:,} accepted, {s['duplicates']:,} duplicates, {s['rejected']:,} rejected."
+                f"{self.lines:,} lines: {s['accepted']:,} accepted, {s['duplicates']:,} duplicates, {s['rejected']:,} rejected."
             )
         )
 
@@ -114,11 +113,13 @@ class Command(BaseCommand):
     def _read(self, handle, fmt):
         if fmt == "csv":
             for line_no, row in enumerate(csv.DictReader(handle), start=2):
+                self.lines += 1
                 yield line_no, csv_event(row)
             return
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
+            self.lines += 1
             try:
                 yield line_no, json.loads(line)
             except ValueError as exc:
