@@ -11,6 +11,8 @@ from datetime import datetime
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
+from django.urls import reverse
+
 from accounts.models import ApiToken, Organization, User
 from metering.models import COMPLETION_OPERATIONS, NANOS_PER_USD, Operation
 
@@ -140,13 +142,21 @@ def _delta(now: float | None, before: float | None) -> float | None:
     return (now - before) / before
 
 
-def _latency_pair(sel: Selection, ops) -> tuple[float | None, float | None]:
+def _latency_pair(sel: Selection, ops, by_op=None) -> tuple[float | None, float | None]:
+    """(average, p95) latency of `ops`; the average from `by_op` (totals grouped by
+    operation over the same selection) when given, saving a second grouped query."""
     scoped = replace(
         sel, operations=tuple(o for o in ops if not sel.operations or o in sel.operations)
     )
     if sel.operations and not scoped.operations:
         return None, None
-    totals = grouped_totals(scoped).total()
+    if by_op is None:
+        totals = grouped_totals(scoped).total()
+    else:
+        totals = Totals()
+        for key, t in by_op.rows.items():
+            if key[1] in scoped.operations:
+                totals.add(t)
     return totals.latency_ms_avg, latency_percentile(scoped, 0.95)
 
 
@@ -207,8 +217,8 @@ METRICS = [
 def _metric_values(sel: Selection) -> dict:
     by_op = grouped_totals(sel, ("operation",))
     total = by_op.total()
-    completion_avg, completion_p95 = _latency_pair(sel, COMPLETION_OPERATIONS)
-    embedding_avg, embedding_p95 = _latency_pair(sel, EMBEDDING_OPERATIONS)
+    completion_avg, completion_p95 = _latency_pair(sel, COMPLETION_OPERATIONS, by_op)
+    embedding_avg, embedding_p95 = _latency_pair(sel, EMBEDDING_OPERATIONS, by_op)
     return {
         "requests": total.requests,
         "failed": total.failed_requests,
@@ -513,6 +523,8 @@ def top_users(ctx: Context) -> WidgetData:
                 "user": (user.display_name if user else "Unattributed"),
                 "email": user.email if user else "",
                 "link_param": f"user={uid}" if uid else "",
+                # Ranked from the viewer's scope, so the person is one they may open.
+                "detail_url": reverse("user-detail", args=[uid]) if uid else "",
                 "requests": t.requests,
                 "total_tokens": t.total_tokens,
                 "cost_display": ctx.money.format(t.cost_nanos),
