@@ -28,7 +28,11 @@ ADDR ?= 127.0.0.1:8000
 RESEED ?=
 SEED_ARGS ?=
 
-.PHONY: help venv demo test test-pg test-browser lint fmt
+.PHONY: help venv demo test test-pg test-browser lint fmt bench
+
+# Benchmark (bench/): events to load and days they span; BENCH_DATABASE_URL, BENCH_* knobs.
+N ?= 10000000
+DAYS ?= 90
 
 help:
 	@echo "Targets:"
@@ -38,6 +42,7 @@ help:
 	echo "  make test-pg       the same on PostgreSQL (PG_URL=$(PG_URL))"
 	echo "  make test-browser  pytest -m browser (Playwright + Debian chromium)"
 	echo "  make lint          ruff check + ruff format --check"
+	echo "  make bench         load N=$(N) events over DAYS=$(DAYS) days into PostgreSQL, measure, report"
 	echo "  make fmt           ruff check --fix + ruff format"
 
 venv: $(STAMP)
@@ -121,6 +126,12 @@ test-browser: venv
 	"$(VENV)/bin/pytest" -m browser $(PYTEST_ARGS) || rc=$$?
 	if [ "$$rc" -eq 5 ]; then echo "No browser tests collected (pytest exit 5): OK."; rc=0; fi
 	exit "$$rc"
+
+# Recreates the bench database (default usage_bench), loads N events through the bulk path,
+# measures dashboard, events log, APIs, HTTP ingestion and CSV export, and writes
+# bench-reports/bench-<N>-<time>.md and .json. Fails only on errors, never on times.
+bench: venv
+	@"$(PY)" -m bench --events "$(N)" --days "$(DAYS)"
 
 lint: venv
 	@rc=0

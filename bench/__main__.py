@@ -1,0 +1,130 @@
+"""`make bench`: load N events into a fresh PostgreSQL database and measure everything.
+
+    python -m bench [--events N] [--days D] [--skip-load] [--out bench-reports]
+
+Environment: BENCH_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/usage_bench;
+the database is dropped and recreated unless --skip-load), BENCH_WORKERS (loader
+processes, default 2), BENCH_CHUNK (rows per transaction, 50000), BENCH_REPEAT (timed
+requests per measurement, 20), BENCH_NAIVE_REPEAT (raw-aggregation baseline runs, 3),
+BENCH_FILTER_RANGES (ranges measured with the team + model filter, default all).
+
+Exit status: 1 on errors (a non-200 answer, an exception), never because of times.
+"""
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_URL = "postgres://postgres@127.0.0.1:5432/usage_bench"
+
+
+def _log(*args):
+    print(*args, flush=True)
+
+
+def recreate_database(url: str) -> None:
+    import psycopg
+
+    parsed = urlparse(url)
+    name = parsed.path.lstrip("/")
+    admin = parsed._replace(path="/postgres").geturl()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--events", type=int, default=int(os.environ.get("N", 10_000_000)))
+    parser.add_argument("--days", type=int, default=int(os.environ.get("DAYS", 90)))
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--skip-load", action="store_true", help="measure the existing DB")
+    parser.add_argument("--load-only", action="store_true", help="load, do not measure")
+    parser.add_argument("--out", default=str(ROOT / "bench-reports"))
+    args = parser.parse_args(argv)
+
+    url = os.environ.get("BENCH_DATABASE_URL", DEFAULT_URL)
+    # Settings read the environment at import: point them at the bench DB first.
+    os.environ["DATABASE_URL"] = url
+    os.environ.setdefault("USAGE_ENV", "development")
+    os.environ["DEBUG"] = "0"  # no query log in memory, no debug toolbar work
+    os.environ.setdefault("ALLOWED_HOSTS", "127.0.0.1,localhost,testserver")
+    os.environ.setdefault("INGEST_RATE_LIMIT_PER_MINUTE", "0")
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "usage_dashboard.settings")
+    sys.path.insert(0, str(ROOT))
+
+    report: dict = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "database": urlparse(url)._replace(netloc=urlparse(url).hostname or "").geturl(),
+        "events": args.events,
+        "days": args.days,
+        "errors": [],
+    }
+    if not args.skip_load:
+        _log(f"==> recreating {urlparse(url).path.lstrip('/')}")
+        recreate_database(url)
+
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+    from django.db import connection
+
+    _log("==> migrate")
+    call_command("migrate", verbosity=0, interactive=False)
+
+    if not args.skip_load:
+        from .load import load
+
+        workers = int(os.environ.get("BENCH_WORKERS", 2))
+        chunk = int(os.environ.get("BENCH_CHUNK", 50_000))
+        _log(
+            f"==> loading {args.events:,} events over {args.days} days (bulk path, {workers} workers)"
+        )
+        report["load"] = load(args.events, args.days, args.seed, workers, chunk, log=_log)
+        _log(
+            f"    {report['load']['events']:,} events in {report['load']['seconds']} s "
+            f"({report['load']['events_per_s']:,} events/s)"
+        )
+        try:
+            from django.utils import timezone
+
+            from metering.demo import demo_budgets
+
+            demo_budgets(now=timezone.now())
+        except Exception as exc:  # budgets are optional for the benchmark
+            report.setdefault("notes", []).append(f"demo budgets not created: {exc!r}")
+        _log("==> VACUUM ANALYZE")
+        t0 = time.monotonic()
+        connection.ensure_connection()
+        with connection.cursor() as cursor:
+            cursor.execute("VACUUM ANALYZE")
+        report["vacuum_analyze_seconds"] = round(time.monotonic() - t0, 1)
+    if args.load_only:
+        return 0
+
+    from .measure import measure_all
+    from .report import write_report
+
+    try:
+        measure_all(report, url, log=_log)
+    except Exception:
+        import traceback
+
+        report["errors"].append("measurement crashed:\n" + traceback.format_exc())
+    md, js = write_report(report, Path(args.out))
+    _log(f"\n==> report: {md}\n           {js}")
+    if report["errors"]:
+        _log(f"\n{len(report['errors'])} error(s):")
+        for e in report["errors"][:30]:
+            _log("  - " + str(e)[:2000])
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

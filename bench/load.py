@@ -1,0 +1,137 @@
+"""Load N demo-distributed events through the bulk path, in worker processes.
+
+The demo tenants are created once (metering.demo.demo_tenants); each worker then draws
+events with the demo's own generator (`metering.demo._event`: senders, Zipf users,
+preferred models, token counts, latencies, failures, daily/weekly rhythm, growth),
+validates and prices them with ingest's functions (bulk.Resolved) and loads them with
+`metering.bulk.load_chunk`, one transaction per chunk.
+"""
+
+import multiprocessing as mp
+import random
+import time
+from bisect import bisect_left
+from datetime import UTC, datetime
+from itertools import accumulate
+from zoneinfo import ZoneInfo
+
+from django.db import connections
+
+from accounts.models import Membership, Organization
+from metering.bulk import Resolved, load_chunk
+from metering.demo import _Clock, _event, demo_tenants
+
+
+def _membership_defaults(org, user_ids):
+    defaults = {}
+    rows = Membership.objects.filter(organization=org, user_id__in=user_ids).order_by("id")
+    for user_id, team_id, project_id in rows.values_list("user_id", "team_id", "project_id"):
+        team, project = defaults.get(user_id, (None, None))
+        defaults[user_id] = (team or team_id, project or project_id)
+    return defaults
+
+
+def prepare(seed: int):
+    """Create the tenants; returns senders with their resolvers (before forking)."""
+    rng = random.Random(seed)
+    senders = demo_tenants(rng)
+    out = []
+    for s in senders:
+        ids = {u.email: u.id for u in s.users}
+        user_ids = set(ids.values()) | ({s.token.owner_id} if s.token.owner_id else set())
+        out.append((s, Resolved(s.org, s.token, ids, _membership_defaults(s.org, user_ids))))
+    return out
+
+
+def _worker(wid, count, seed, days, end_ts, chunk, senders, queue):
+    try:
+        rng = random.Random(seed * 7919 + wid)
+        end = datetime.fromtimestamp(end_ts, UTC)
+        clocks = {}
+        for s, _ in senders:
+            if s.org.id not in clocks:
+                clocks[s.org.id] = _Clock(rng, end, days, ZoneInfo(s.org.timezone))
+        cum = list(accumulate(s.weight for s, _ in senders))
+        total = cum[-1]
+        sessions: dict = {}
+        index = wid * 10**12
+        done = 0
+        while done < count:
+            size = min(chunk, count - done)
+            rows = []
+            while len(rows) < size:
+                # The demo sends batches of 200-1000 events per token: keep that rhythm.
+                sender, resolved = senders[bisect_left(cum, rng.random() * total)]
+                for _ in range(min(size - len(rows), rng.randint(200, 1000))):
+                    raw = _event(rng, sender, clocks[sender.org.id], index, seed, sessions)
+                    index += 1
+                    row = resolved.row(raw, end)
+                    if row is not None:
+                        rows.append(row)
+            t0 = time.monotonic()
+            inserted = load_chunk(rows)
+            queue.put(("chunk", wid, len(rows), inserted, time.monotonic() - t0))
+            done += size
+        queue.put(("done", wid, 0, 0, 0.0))
+    except BaseException as exc:  # report, never hang the parent
+        import traceback
+
+        queue.put(("error", wid, 0, 0, traceback.format_exc() or repr(exc)))
+        raise
+
+
+def load(n: int, days: int, seed: int, workers: int, chunk: int, log=print) -> dict:
+    """Create tenants and load n events; returns timing facts."""
+    t_start = time.monotonic()
+    senders = prepare(seed)
+    end_ts = int(time.time())
+    connections.close_all()
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    shares = [n // workers + (1 if i < n % workers else 0) for i in range(workers)]
+    procs = [
+        ctx.Process(target=_worker, args=(i, shares[i], seed, days, end_ts, chunk, senders, queue))
+        for i in range(workers)
+        if shares[i]
+    ]
+    for p in procs:
+        p.start()
+    rows = inserted = 0
+    db_seconds = 0.0
+    running = len(procs)
+    started = time.monotonic()
+    last = 0.0
+    errors = []
+    while running:
+        kind, _wid, k, ins, extra = queue.get()
+        if kind == "chunk":
+            rows += k
+            inserted += ins
+            db_seconds += extra
+            now = time.monotonic()
+            if now - last >= 5 or rows == n:
+                last = now
+                rate = rows / (now - started)
+                eta = (n - rows) / rate if rate else 0
+                log(f"  loaded {rows:,}/{n:,} events  {rate:,.0f} events/s  eta {eta:,.0f} s")
+        elif kind == "done":
+            running -= 1
+        else:
+            errors.append(extra)
+            running -= 1
+    for p in procs:
+        p.join()
+    if errors or any(p.exitcode for p in procs):
+        raise RuntimeError("bulk load failed:\n" + "\n".join(map(str, errors)))
+    seconds = time.monotonic() - started
+    return {
+        "events": rows,
+        "inserted": inserted,
+        "seconds": round(seconds, 1),
+        "events_per_s": round(rows / seconds) if seconds else 0,
+        "workers": workers,
+        "chunk": chunk,
+        "setup_seconds": round(started - t_start, 1),
+        "end": end_ts,
+        "orgs": list(Organization.objects.order_by("id").values_list("slug", flat=True)),
+    }

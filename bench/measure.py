@@ -1,0 +1,649 @@
+"""The measurements of `make bench` (see bench/__main__.py). Every function appends to
+`report` and records errors (non-200 answers, exceptions) in report["errors"]."""
+
+import http.client
+import json
+import os
+import random
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from django.db import connection
+from django.db.models import Aggregate, Avg, Count, F, FloatField, Q, Sum
+from django.db.models.functions import Trunc
+from django.test import Client
+from django.urls import NoReverseMatch, reverse
+
+ROOT = Path(__file__).resolve().parent.parent
+PERSONAS = {
+    "org admin": "orgadmin@demo.test",
+    "team lead": "lead@demo.test",
+    "project admin": "projectadmin@demo.test",
+    "member": "member@demo.test",
+}
+RANGES = ["1h", "24h", "7d", "30d", "90d"]
+RANGE_LENGTH = {
+    "1h": timedelta(hours=1),
+    "24h": timedelta(hours=24),
+    "7d": timedelta(days=7),
+    "30d": timedelta(days=30),
+    "90d": timedelta(days=90),
+}
+NAIVE_RANGES = ["30d", "90d"]
+FILTER_MODEL = "gpt-4o-mini"
+
+
+def _env_int(name, default):
+    return int(os.environ.get(name, default))
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (p95 of 20 samples is the 19th smallest)."""
+    ordered = sorted(values)
+    rank = max(1, -(-int(q * len(ordered) * 1000) // 1000))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def _stats(times: list[float]) -> dict:
+    return {
+        "n": len(times),
+        "p50_ms": round(statistics.median(times), 2),
+        "p95_ms": round(percentile(times, 0.95), 2),
+        "max_ms": round(max(times), 2),
+    }
+
+
+def timed(fn, repeat: int, warmup: int = 1) -> tuple[dict, object]:
+    result = None
+    for _ in range(warmup):
+        result = fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return _stats(times), result
+
+
+def _get(client: Client, url: str, errors: list, **extra):
+    def call():
+        response = client.get(url, **extra)
+        if response.status_code != 200:
+            errors.append(f"GET {url} answered {response.status_code}")
+        elif getattr(response, "streaming", False):
+            for _ in response.streaming_content:
+                pass
+        else:
+            _ = response.content
+        return response
+
+    return call
+
+
+# ---------------------------------------------------------------------------------------
+# Naive baseline: the same numbers by plain aggregation over raw events
+
+
+class P95(Aggregate):
+    function = "percentile_cont"
+    template = "percentile_cont(0.95) WITHIN GROUP (ORDER BY %(expressions)s)"
+    output_field = FloatField()
+
+
+def _kind(length: timedelta) -> str:
+    if length <= timedelta(hours=3):
+        return "minute"
+    if length <= timedelta(days=3):
+        return "hour"
+    return "day"
+
+
+def naive_widget(name: str, user, start: datetime, end: datetime, tz: ZoneInfo):
+    from analytics.visibility import visible_events
+
+    def events(a, b):
+        return visible_events(user).filter(timestamp__gte=a, timestamp__lt=b)
+
+    qs = events(start, end)
+    kind = _kind(end - start)
+    sums = {
+        "n": Count("id"),
+        "failed": Count("id", filter=Q(status_code__gte=400)),
+        "inp": Sum("input_tokens"),
+        "cached": Sum("cached_input_tokens"),
+        "out": Sum("output_tokens"),
+        "cost": Sum("cost_nanos"),
+        "lat": Avg("latency_ms"),
+    }
+    if name == "metrics":
+        out = []
+        for a, b in ((start, end), (start - (end - start), start)):
+            q = events(a, b)
+            out.append(list(q.values("operation").annotate(**sums).order_by()))
+            out.append(
+                q.filter(operation__in=("chat", "completion")).aggregate(p=P95("latency_ms"))
+            )
+            out.append(q.filter(operation="embedding").aggregate(p=P95("latency_ms")))
+            for column in ("user_id", "assistant", "workflow"):
+                empty = (
+                    Q(**{f"{column}__isnull": True}) if column == "user_id" else Q(**{column: ""})
+                )
+                out.append(q.exclude(empty).values(column).distinct().count())
+        return out
+    if name in ("requests", "tokens", "cost"):
+        bucketed = qs.annotate(t=Trunc("timestamp", kind, tzinfo=tz)).values("t")
+        return list(bucketed.annotate(**sums).order_by("t"))
+    if name == "latency":
+        out = []
+        for ops in (("chat", "completion"), ("embedding",)):
+            q = qs.filter(operation__in=ops).annotate(t=Trunc("timestamp", kind, tzinfo=tz))
+            out.append(list(q.values("t").annotate(a=Avg("latency_ms"), p=P95("latency_ms"))))
+        return out
+    if name == "models":
+        seen = events(end - timedelta(days=90), end).values("model").distinct()
+        return list(qs.values("model").annotate(**sums).order_by()), list(seen)
+    tokens = Sum(F("input_tokens") + F("output_tokens"))
+    if name == "top_users":
+        return list(qs.values("user_id").annotate(tok=tokens, **sums).order_by("-tok")[:5])
+    if name == "top_models":
+        return list(qs.values("model").annotate(tok=tokens, **sums).order_by("-tok")[:5])
+    if name == "ranked":
+        return list(qs.values("api_token_id").annotate(tok=tokens, **sums).order_by("-tok")[:25])
+    raise ValueError(name)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def _url(name, *args):
+    try:
+        return reverse(name, args=args)
+    except NoReverseMatch:
+        return None
+
+
+def measure_dashboard(report, users, team_id, log):
+    from analytics.views import WIDGET_ORDER
+
+    repeat = _env_int("BENCH_REPEAT", 20)
+    naive_repeat = _env_int("BENCH_NAIVE_REPEAT", 3)
+    filter_ranges = os.environ.get("BENCH_FILTER_RANGES", ",".join(RANGES)).split(",")
+    errors = report["errors"]
+    rows = report.setdefault("dashboard", [])
+    variants = [(r, "") for r in RANGES] + [
+        (r, f"&team={team_id}&model={FILTER_MODEL}") for r in filter_ranges if r
+    ]
+    for persona, user in users.items():
+        client = Client()
+        client.force_login(user)
+        for period, extra in variants:
+            filtered = bool(extra)
+            for name in [*WIDGET_ORDER, "page"]:
+                if name == "page":
+                    url = f"/dashboard/?period={period}{extra}"
+                else:
+                    url = f"/dashboard/widgets/{name}/?period={period}{extra}"
+                try:
+                    stats, _ = timed(_get(client, url, errors), repeat)
+                except Exception as exc:
+                    errors.append(f"GET {url} as {persona}: {exc!r}")
+                    continue
+                row = {
+                    "persona": persona,
+                    "range": period,
+                    "filter": "team+model" if filtered else "",
+                    "widget": name,
+                    **stats,
+                }
+                rows.append(row)
+            log(
+                f"  {persona:13s} {period:4s} {'team+model' if filtered else '':10s} "
+                + " ".join(
+                    f"{r['widget']}={r['p95_ms']:.0f}"
+                    for r in rows
+                    if r["persona"] == persona
+                    and r["range"] == period
+                    and r["filter"] == ("team+model" if filtered else "")
+                )
+            )
+    # The naive baseline, same personas, 30 and 90 days, no filter.
+    from accounts.middleware import viewer_timezone_name
+
+    naive = report.setdefault("naive", [])
+    for persona, user in users.items():
+        tz = ZoneInfo(viewer_timezone_name(user))
+        for period in NAIVE_RANGES:
+            for name in WIDGET_ORDER:
+                end = datetime.now(UTC)
+                start = end - RANGE_LENGTH[period]
+                try:
+                    stats, _ = timed(
+                        lambda n=name, s=start, e=end, u=user, z=tz: naive_widget(n, u, s, e, z),
+                        naive_repeat,
+                        warmup=0,
+                    )
+                except Exception as exc:
+                    errors.append(f"naive {name} {period} as {persona}: {exc!r}")
+                    continue
+                naive.append({"persona": persona, "range": period, "widget": name, **stats})
+            log(
+                f"  naive {persona:13s} {period}: "
+                + " ".join(
+                    f"{r['widget']}={r['p50_ms']:.0f}"
+                    for r in naive
+                    if r["persona"] == persona and r["range"] == period
+                )
+            )
+
+
+def measure_events_log(report, users, log):
+    url = _url("events")
+    if url is None:
+        report.setdefault("notes", []).append("events log: no /events/ URL in this build")
+        return
+    repeat = _env_int("BENCH_REPEAT", 20)
+    errors = report["errors"]
+    rows = report.setdefault("events_log", [])
+    cases = [
+        ("page 1", "period=90d"),
+        ("page 400", "period=90d&page=400"),
+        ("sorted by cost, page 1", "period=90d&sort=cost&dir=desc"),
+        ("sorted by cost, page 400", "period=90d&sort=cost&dir=desc&page=400"),
+        ("amount 1000-2000, page 1", "period=90d&amount_min=1000&amount_max=2000"),
+        ("amount 1000-2000, page 400", "period=90d&amount_min=1000&amount_max=2000&page=400"),
+    ]
+    for persona in ("org admin", "member"):
+        client = Client()
+        client.force_login(users[persona])
+        for label, query in cases:
+            full = f"{url}?{query}"
+            try:
+                stats, _ = timed(_get(client, full, errors), repeat)
+            except Exception as exc:
+                errors.append(f"GET {full}: {exc!r}")
+                continue
+            rows.append({"persona": persona, "case": label, **stats})
+            log(
+                f"  events log {persona:10s} {label:28s} p50 {stats['p50_ms']:.1f} p95 {stats['p95_ms']:.1f}"
+            )
+
+
+def measure_apis(report, users, log):
+    from accounts.models import Organization
+    from accounts.tokens import token_issue
+
+    repeat = _env_int("BENCH_REPEAT", 20)
+    errors = report["errors"]
+    acme = Organization.objects.get(slug="acme")
+    issued = token_issue(
+        organization=acme, name="bench reader", owner=users["org admin"], scopes=["read"]
+    )
+    auth = {"HTTP_AUTHORIZATION": f"Bearer {issued.secret}"}
+    client = Client()
+    rows = report.setdefault("apis", [])
+    end = int(time.time())
+    url = f"/api/v1/usage?start_time={end - 90 * 86400}&end_time={end}&bucket_width=1d&limit=90&group_by=model"
+    stats, _ = timed(_get(client, url, errors, **auth), repeat)
+    rows.append({"api": "usage 90d, 1d buckets, by model", **stats})
+    log(f"  usage API 90d/1d/model p50 {stats['p50_ms']:.1f} p95 {stats['p95_ms']:.1f}")
+    check = _url("api-budgets-check")
+    if check is None:
+        report.setdefault("notes", []).append("budget check API: no URL in this build")
+        return
+    full = f"{check}?user=member@demo.test"
+    stats, _ = timed(_get(client, full, errors, **auth), max(repeat, 100))
+    rows.append({"api": "budget check ?user=member@demo.test", **stats})
+    log(f"  budget check p50 {stats['p50_ms']:.2f} p95 {stats['p95_ms']:.2f}")
+
+
+# ---------------------------------------------------------------------------------------
+# Ingestion over HTTP (gunicorn) against the database's own upsert rate
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ingest_batches(n_batches: int, size: int, seed: int) -> list[list[dict]]:
+    from accounts.models import Organization, User
+    from metering.demo import _Clock, _event
+
+    acme = Organization.objects.get(slug="acme")
+    people = list(User.objects.filter(email__endswith="@acme.example").order_by("id")[:60])
+    rng = random.Random(seed)
+
+    class _Sender:  # what demo._event needs of a sender
+        token = type("T", (), {"id": 0})()
+        users = people
+        preferred = {u.id: rng.randrange(21) for u in people}
+
+    end = datetime.now(UTC) - timedelta(seconds=5)
+    clock = _Clock(rng, end, 1, ZoneInfo(acme.timezone))
+    clock.start = end - timedelta(minutes=10)  # recent events: the live case
+    clock.cumulative = [1.0]
+    batches, sessions = [], {}
+    for b in range(n_batches):
+        batch = []
+        for i in range(size):
+            event = _event(rng, _Sender, clock, b * size + i, seed, sessions)
+            event["request_id"] = str(uuid.UUID(int=rng.getrandbits(128)))
+            batch.append(event)
+        batches.append(batch)
+    return batches
+
+
+def _post_all(port, secret, bodies, clients, errors) -> tuple[float, list[float]]:
+    times: list[float] = []
+    lock = threading.Lock()
+    queue = list(enumerate(bodies))
+
+    def worker():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        while True:
+            with lock:
+                if not queue:
+                    break
+                _, body = queue.pop(0)
+            t0 = time.perf_counter()
+            try:
+                conn.request(
+                    "POST",
+                    "/api/v1/events",
+                    body=body,
+                    headers={
+                        "Authorization": f"Bearer {secret}",
+                        "Content-Type": "application/json",
+                    },
+                )
+                response = conn.getresponse()
+                data = response.read()
+                if response.status != 200:
+                    errors.append(f"POST /api/v1/events answered {response.status}: {data[:300]!r}")
+            except Exception as exc:
+                errors.append(f"POST /api/v1/events: {exc!r}")
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            with lock:
+                times.append((time.perf_counter() - t0) * 1000)
+        conn.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0, times
+
+
+def measure_ingest(report, url, log):
+    from accounts.models import Organization
+    from accounts.tokens import token_issue
+
+    errors = report["errors"]
+    acme = Organization.objects.get(slug="acme")
+    issued = token_issue(
+        organization=acme,
+        name="bench gateway",
+        owner=None,
+        service_account="svc-bench",
+        scopes=["ingest"],
+    )
+    size = 500
+    per_run = _env_int("BENCH_INGEST_BATCHES", 24)
+    port = _free_port()
+    env = dict(os.environ, DATABASE_URL=url, USAGE_ENV="development", DEBUG="0")
+    env["INGEST_RATE_LIMIT_PER_MINUTE"] = "0"
+    server = subprocess.Popen(  # noqa: S603 - our own gunicorn, fixed arguments
+        [
+            str(ROOT / ".venv/bin/gunicorn"),
+            "usage_dashboard.wsgi",
+            "-w",
+            "2",
+            "-b",
+            f"127.0.0.1:{port}",
+            "--timeout",
+            "300",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    rows = report.setdefault("ingest", [])
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        else:
+            errors.append("gunicorn did not start")
+            return
+        for clients, seed in ((1, 101), (4, 202)):
+            batches = _ingest_batches(per_run, size, seed)
+            bodies = [json.dumps({"events": b}).encode() for b in batches]
+            for kind in ("new", "duplicate"):
+                seconds, times = _post_all(port, issued.secret, bodies, clients, errors)
+                rate = len(bodies) * size / seconds
+                rows.append(
+                    {
+                        "clients": clients,
+                        "events": kind,
+                        "batches": len(bodies),
+                        "batch_size": size,
+                        "events_per_s": round(rate),
+                        "p50_batch_ms": round(statistics.median(times), 1),
+                        "p95_batch_ms": round(percentile(times, 0.95), 1),
+                    }
+                )
+                log(
+                    f"  HTTP ingest {clients} client(s), {kind:9s}: {rate:,.0f} events/s, p95 batch {percentile(times, 0.95):.0f} ms"
+                )
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    report["db_upsert"] = measure_db_upsert(per_run, size, log)
+
+
+def measure_db_upsert(n_batches: int, size: int, log) -> dict:
+    """The database's own rate: psycopg executemany (pipelined) of INSERT ... ON CONFLICT
+    DO NOTHING RETURNING id into the same table, one transaction per batch of `size`."""
+    import psycopg
+
+    from accounts.models import Organization
+    from metering.bulk import rows_from_events
+    from metering.ingest import EVENT_COLUMNS
+
+    acme = Organization.objects.get(slug="acme")
+    batches = _ingest_batches(n_batches, size, 303)
+    rows = []
+    for batch in batches:
+        rows.append(
+            rows_from_events(
+                organization=acme, token=None, events=batch, now=datetime.now(UTC)
+            ).rows
+        )
+    columns = ", ".join(f'"{c}"' for c in EVENT_COLUMNS)
+    sql = (
+        f"INSERT INTO metering_usageevent ({columns}) VALUES ({', '.join(['%s'] * len(EVENT_COLUMNS))}) "
+        "ON CONFLICT (organization_id, request_id) DO NOTHING RETURNING id"
+    )
+    settings = connection.settings_dict
+    with psycopg.connect(
+        host=settings["HOST"] or None,
+        port=settings["PORT"] or None,
+        user=settings["USER"],
+        password=settings["PASSWORD"] or None,
+        dbname=settings["NAME"],
+    ) as conn:
+        out = {}
+        for kind in ("new", "duplicate"):
+            t0 = time.perf_counter()
+            for chunk in rows:
+                with conn.transaction(), conn.cursor() as cur:
+                    cur.executemany(sql, chunk, returning=True)
+            seconds = time.perf_counter() - t0
+            out[f"{kind}_events_per_s"] = round(sum(map(len, rows)) / seconds)
+        log(
+            f"  DB upsert (executemany, {size}/txn): new {out['new_events_per_s']:,} events/s, "
+            f"duplicates {out['duplicate_events_per_s']:,} events/s"
+        )
+        # Raw rows only (no roll-up increments): remove them so check_aggregates holds.
+        ids = [r[1] for chunk in rows for r in chunk]
+        with conn.transaction():
+            conn.execute(
+                "DELETE FROM metering_usageevent WHERE organization_id = %s AND request_id = ANY(%s)",
+                [acme.id, ids],
+            )
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# CSV export of 1,000,000 events: time and peak RSS, in a child process
+
+EXPORT_CHILD = r"""
+import os, sys, time, resource
+import django
+django.setup()
+from django.test import Client
+from accounts.models import User
+client = Client()
+client.force_login(User.objects.get(email="orgadmin@demo.test"))
+url = sys.argv[1]
+t0 = time.perf_counter()
+response = client.get(url)
+size = 0
+lines = 0
+if response.status_code != 200:
+    print("STATUS", response.status_code, response.get("Location", ""))
+    sys.exit(2)
+chunks = response.streaming_content if response.streaming else [response.content]
+for chunk in chunks:
+    size += len(chunk)
+    lines += chunk.count(b"\n")
+print("RESULT", time.perf_counter() - t0, size, lines)
+"""
+
+
+def measure_export(report, url, log, target_rows=1_000_000):
+    from accounts.models import Organization
+    from metering.models import UsageEvent
+
+    export = _url("events-export")
+    if export is None:
+        report.setdefault("notes", []).append("CSV export: no events export URL in this build")
+        return
+    acme = Organization.objects.get(slug="acme")
+    total = UsageEvent.objects.filter(organization=acme).count()
+    n = min(target_rows, total)
+    boundary = (
+        UsageEvent.objects.filter(organization=acme)
+        .order_by("-timestamp")
+        .values_list("timestamp", flat=True)[n - 1 : n]
+    )
+    start = next(iter(boundary))
+    tz = ZoneInfo(acme.timezone)
+    local = start.astimezone(tz).replace(tzinfo=None)
+    # Whole minutes in the URL: start one minute early, then the count is ~n.
+    start_s = (local.replace(second=0, microsecond=0)).strftime("%Y-%m-%dT%H:%M")
+    end_s = (datetime.now(tz) + timedelta(minutes=2)).strftime("%Y-%m-%dT%H:%M")
+    full = f"{export}?period=custom&start={start_s}&end={end_s}"
+    env = dict(os.environ, DATABASE_URL=url, DEBUG="0", EXPORT_ASYNC_THRESHOLD=str(10**9))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.perf_counter()
+    done = subprocess.run(  # noqa: S603 - our own interpreter, fixed script
+        [sys.executable, "-c", EXPORT_CHILD, full],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    seconds = time.perf_counter() - t0
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    result = [line for line in done.stdout.splitlines() if line.startswith("RESULT")]
+    if done.returncode != 0 or not result:
+        report["errors"].append(
+            f"CSV export failed ({done.returncode}): {done.stdout[-500:]} {done.stderr[-1500:]}"
+        )
+        return
+    _, secs, size, lines = result[0].split()
+    report["export"] = {
+        "rows": int(lines) - 1,
+        "bytes": int(size),
+        "seconds": round(float(secs), 1),
+        "process_seconds": round(seconds, 1),
+        "peak_rss_mb": round(max(peak_kb, before) / 1024, 1),
+        "note": "peak RSS of the child process (Django loaded + the streamed response)",
+    }
+    log(
+        f"  CSV export {int(lines) - 1:,} rows in {float(secs):.1f} s, peak RSS {peak_kb / 1024:.0f} MB"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def measure_all(report, url, log=print):
+    from accounts.models import Organization, Team, User
+
+    users = {persona: User.objects.get(email=email) for persona, email in PERSONAS.items()}
+    acme = Organization.objects.get(slug="acme")
+    team_id = Team.objects.get(organization=acme, slug="platform").id
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM metering_usageevent")
+        report["rows_in_db"] = cursor.fetchone()[0]
+        sizes = {}
+        for table in (
+            "metering_usageevent",
+            "metering_org_usage_15m",
+            "metering_scope_usage_15m",
+            "metering_latency_hist_hourly",
+        ):
+            cursor.execute(
+                "SELECT reltuples::bigint, pg_total_relation_size(oid) FROM pg_class WHERE relname = %s",
+                [table],
+            )
+            found = cursor.fetchone()
+            if found:
+                sizes[table] = {"rows": int(found[0]), "mb": round(found[1] / 2**20, 1)}
+        report["tables"] = sizes
+    steps = [
+        (
+            "dashboard widgets (and the naive baseline)",
+            lambda: measure_dashboard(report, users, team_id, log),
+        ),
+        ("events log", lambda: measure_events_log(report, users, log)),
+        ("usage and budget check APIs", lambda: measure_apis(report, users, log)),
+        ("CSV export", lambda: measure_export(report, url, log)),
+        ("ingestion over HTTP", lambda: measure_ingest(report, url, log)),
+    ]
+    only = os.environ.get("BENCH_ONLY")
+    for title, step in steps:
+        if only and not any(word in title for word in only.split(",")):
+            continue
+        log(f"==> {title}")
+        t0 = time.monotonic()
+        try:
+            step()
+        except Exception:
+            import traceback
+
+            report["errors"].append(f"{title} crashed:\n{traceback.format_exc()}")
+        report.setdefault("step_seconds", {})[title] = round(time.monotonic() - t0, 1)
