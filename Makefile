@@ -28,7 +28,7 @@ ADDR ?= 127.0.0.1:8000
 RESEED ?=
 SEED_ARGS ?=
 
-.PHONY: help venv demo test test-pg test-browser lint fmt bench
+.PHONY: help venv demo test test-pg test-services test-browser lint fmt bench
 
 # Benchmark (bench/): events to load and days they span; BENCH_DATABASE_URL, BENCH_* knobs.
 N ?= 10000000
@@ -40,6 +40,7 @@ help:
 	echo "  make demo          migrate, seed demo data (once; RESEED=1 to start over), run $(ADDR)"
 	echo "  make test          pytest -m \"$(MARKERS)\" on SQLite"
 	echo "  make test-pg       the same on PostgreSQL (PG_URL=$(PG_URL))"
+	echo "  make test-services pytest -m services (real Redis + Celery worker, on PostgreSQL)"
 	echo "  make test-browser  pytest -m browser (Playwright + Debian chromium)"
 	echo "  make lint          ruff check + ruff format --check"
 	echo "  make bench         load N=$(N) events over DAYS=$(DAYS) days into PostgreSQL, measure, report"
@@ -112,6 +113,11 @@ test: venv
 test-pg: venv
 	@echo "pytest on PostgreSQL: $(PG_URL) (pytest-django uses the test_ database beside it)"
 	DATABASE_URL="$(PG_URL)" "$(VENV)/bin/pytest" -m "$(MARKERS)" $(PYTEST_ARGS)
+
+# Tests against the real Redis and a real Celery worker (PostgreSQL shares the data).
+test-services: venv
+	@echo "pytest -m services on PostgreSQL ($(PG_URL)) with Redis at 127.0.0.1:6379"
+	DATABASE_URL="$(PG_URL)" "$(VENV)/bin/pytest" -m services $(PYTEST_ARGS)
 
 # Browser tests read CHROMIUM (default: Debian's chromium on PATH). Exit code 5
 # ("no tests collected") counts as success here: the browser suite may be empty.

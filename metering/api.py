@@ -1,6 +1,7 @@
 """The ingestion API: POST /api/v1/events (SPEC section 3)."""
 
 import json
+import logging
 import time
 from decimal import Decimal
 
@@ -14,6 +15,8 @@ from accounts.models import ApiToken, TokenScope
 from accounts.tokens import bearer_secret, token_authenticate
 
 from .ingest import ingest_batch
+
+logger = logging.getLogger(__name__)
 
 
 def api_error(status: int, message: str, **extra) -> JsonResponse:
@@ -39,12 +42,16 @@ def rate_limited(token: ApiToken) -> int:
         return 0
     window = int(time.time() // 60)
     key = f"ingest-rate:{token.id}:{window}"
-    if cache.add(key, 1, timeout=70):
-        return 0
     try:
-        count = cache.incr(key)
-    except ValueError:
-        cache.set(key, 1, timeout=70)
+        if cache.add(key, 1, timeout=70):
+            return 0
+        try:
+            count = cache.incr(key)
+        except ValueError:
+            cache.set(key, 1, timeout=70)
+            return 0
+    except Exception:  # an unreachable cache must not stop ingestion
+        logger.warning("rate limit cache unavailable; letting the request through", exc_info=True)
         return 0
     if count > limit:
         return 60 - int(time.time()) % 60 or 1

@@ -377,3 +377,10 @@ def test_metrics_and_deltas_equal_raw_sums_for_random_data_and_ranges(client, pe
     if previous:
         expected_change = (len(current) - len(previous)) / len(previous)
         assert float(rows["Requests"]["Change"]) == pytest.approx(expected_change, abs=1e-6)
+
+
+def test_dashboard_has_a_shortcut_to_my_spending(client, personas):
+    client.force_login(personas.member)
+    html = client.get("/dashboard/").content.decode()
+    assert 'href="/spending/"' in html
+    assert client.get("/spending/").status_code == 200
