@@ -16,6 +16,8 @@ offset, so days and hours are right across DST changes and in +05:30 / +05:45 zo
 
 import heapq
 from collections import defaultdict
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -413,10 +415,37 @@ def _raw_grouped_ranges(
     return out
 
 
+_memo: ContextVar[dict | None] = ContextVar("usage_query_memo", default=None)
+
+
+@contextmanager
+def shared_reads():
+    """Within this block, the same question is asked of the database once.
+
+    The full dashboard page renders several widgets over the same selection (requests,
+    tokens, cost and latency all start from the same per-bucket totals).
+    """
+    token = _memo.set({})
+    try:
+        yield
+    finally:
+        _memo.reset(token)
+
+
 def grouped_totals(
     sel: Selection, dims: tuple[str, ...] = (), bucketing: Bucketing | None = None
 ) -> Grouped:
     """Exact totals of `sel`, grouped by `dims` and (optionally) local time buckets."""
+    memo = _memo.get()
+    if memo is None:
+        return _grouped_totals(sel, dims, bucketing)
+    key = (sel, dims, bucketing)
+    if key not in memo:
+        memo[key] = _grouped_totals(sel, dims, bucketing)
+    return memo[key]
+
+
+def _grouped_totals(sel: Selection, dims: tuple[str, ...], bucketing: Bucketing | None) -> Grouped:
     start, end = _epoch(sel.start), _epoch(sel.end)
     raw_only = (
         sel.needs_raw

@@ -22,7 +22,7 @@ from .filters import (
     session_options,
     token_label,
 )
-from .queries import WIDTHS
+from .queries import WIDTHS, shared_reads
 from .visibility import viewer_scope, visible_organizations
 from .widgets import WIDGETS, Context, Money, WidgetData
 
@@ -108,10 +108,15 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         page["sessions"] = session_options(flt) if ctx else []
         return render(request, "analytics/dashboard.html#widgets", page)
     page.update(_filter_bar(request, flt))
-    page["widgets"] = [
-        {"name": name, "data": _render_widget(ctx, name), "mode": _widget_view_mode(request, name)}
-        for name in WIDGET_ORDER
-    ]
+    with shared_reads():
+        page["widgets"] = [
+            {
+                "name": name,
+                "data": _render_widget(ctx, name),
+                "mode": _widget_view_mode(request, name),
+            }
+            for name in WIDGET_ORDER
+        ]
     return render(request, "analytics/dashboard.html", page)
 
 
