@@ -295,7 +295,7 @@ def measure_apis(report, users, log):
     stats, _ = timed(_get(client, url, errors, **auth), repeat)
     rows.append({"api": "usage 90d, 1d buckets, by model", **stats})
     log(f"  usage API 90d/1d/model p50 {stats['p50_ms']:.1f} p95 {stats['p95_ms']:.1f}")
-    check = _url("api-budgets-check")
+    check = _url("metering:api-budgets-check")
     if check is None:
         report.setdefault("notes", []).append("budget check API: no URL in this build")
         return
