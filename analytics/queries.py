@@ -27,6 +27,7 @@ from django.db.models import (
     Aggregate,
     BigIntegerField,
     Case,
+    CharField,
     Count,
     ExpressionWrapper,
     F,
@@ -561,17 +562,8 @@ def latency_percentile(sel: Selection, q: float = 0.95) -> float | None:
     exact from raw events when a filter needs dimensions the histogram lacks."""
     start, end = _epoch(sel.start), _epoch(sel.end)
     core_start, core_end = _ceil(start, HOUR), end - end % HOUR
-    histogram_ok = (
-        not sel.needs_raw
-        and not sel.needs_scope_dims
-        and not sel.models
-        and sel.status == "all"
-        and sel.scope.covers_whole_orgs(sel.org_ids)
-        and core_start < core_end
-        and sel.end - sel.start > RAW_RANGE_LIMIT
-    )
     raw_qs = UsageEvent.objects.filter(_event_filters(sel))
-    if not histogram_ok:
+    if not _histogram_ok(sel):
         return _raw_percentile(raw_qs.filter(timestamp__gte=sel.start, timestamp__lt=sel.end), q)
     counts: dict[int, int] = defaultdict(int)
     hist = LatencyHistogramHourly.objects.filter(bucket__gte=core_start, bucket__lt=core_end)
@@ -587,6 +579,54 @@ def latency_percentile(sel: Selection, q: float = 0.95) -> float | None:
         for latency in raw_qs.filter(edges).values_list("latency_ms", flat=True):
             counts[latency_bucket(latency)] += 1
     return _percentile_from_histogram(counts, q)
+
+
+def latency_percentiles(
+    sel: Selection, groups: dict[str, tuple[str, ...]], q: float = 0.95
+) -> dict[str, float | None]:
+    """p-quantile latency per group of operations (groups must not overlap).
+
+    Where only raw events can answer (scoped views) on PostgreSQL, one scan serves every
+    group; elsewhere each group is one `latency_percentile`.
+    """
+    wanted = {
+        name: tuple(o for o in ops if not sel.operations or o in sel.operations)
+        for name, ops in groups.items()
+    }
+    out: dict[str, float | None] = {name: None for name in groups}
+    wanted = {name: ops for name, ops in wanted.items() if ops}
+    if not wanted:
+        return out
+    probe = replace(sel, operations=next(iter(wanted.values())))
+    if connection.vendor != "postgresql" or _histogram_ok(probe):
+        for name, ops in wanted.items():
+            out[name] = latency_percentile(replace(sel, operations=ops), q)
+        return out
+    every_op = tuple(o for ops in wanted.values() for o in ops)
+    qs = UsageEvent.objects.filter(_event_filters(replace(sel, operations=every_op))).filter(
+        timestamp__gte=sel.start, timestamp__lt=sel.end
+    )
+    group = Case(
+        *(When(operation__in=ops, then=Value(name)) for name, ops in wanted.items()),
+        output_field=CharField(),
+    )
+    rows = qs.annotate(_group=group).values("_group").annotate(p=PercentileDisc("latency_ms", q))
+    for row in rows.order_by():
+        out[row["_group"]] = float(row["p"]) if row["p"] is not None else None
+    return out
+
+
+def _histogram_ok(sel: Selection) -> bool:
+    start, end = _epoch(sel.start), _epoch(sel.end)
+    return (
+        not sel.needs_raw
+        and not sel.needs_scope_dims
+        and not sel.models
+        and sel.status == "all"
+        and sel.scope.covers_whole_orgs(sel.org_ids)
+        and _ceil(start, HOUR) < end - end % HOUR
+        and sel.end - sel.start > RAW_RANGE_LIMIT
+    )
 
 
 def _quantile_sorted(values: list[int], q: float) -> float | None:

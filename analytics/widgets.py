@@ -28,7 +28,7 @@ from .queries import (
     auto_width,
     distinct_count,
     grouped_totals,
-    latency_percentile,
+    latency_percentiles,
     latency_series,
     models_seen,
     top,
@@ -142,22 +142,14 @@ def _delta(now: float | None, before: float | None) -> float | None:
     return (now - before) / before
 
 
-def _latency_pair(sel: Selection, ops, by_op=None) -> tuple[float | None, float | None]:
-    """(average, p95) latency of `ops`; the average from `by_op` (totals grouped by
-    operation over the same selection) when given, saving a second grouped query."""
-    scoped = replace(
-        sel, operations=tuple(o for o in ops if not sel.operations or o in sel.operations)
-    )
-    if sel.operations and not scoped.operations:
-        return None, None
-    if by_op is None:
-        totals = grouped_totals(scoped).total()
-    else:
-        totals = Totals()
-        for key, t in by_op.rows.items():
-            if key[1] in scoped.operations:
-                totals.add(t)
-    return totals.latency_ms_avg, latency_percentile(scoped, 0.95)
+def _latency_average(sel: Selection, ops, by_op) -> float | None:
+    """Average latency of `ops`, from `by_op` (totals grouped by operation over `sel`)."""
+    wanted = {o for o in ops if not sel.operations or o in sel.operations}
+    totals = Totals()
+    for key, t in by_op.rows.items():
+        if key[1] in wanted:
+            totals.add(t)
+    return totals.latency_ms_avg
 
 
 def metrics(ctx: Context) -> WidgetData:
@@ -217,8 +209,12 @@ METRICS = [
 def _metric_values(sel: Selection) -> dict:
     by_op = grouped_totals(sel, ("operation",))
     total = by_op.total()
-    completion_avg, completion_p95 = _latency_pair(sel, COMPLETION_OPERATIONS, by_op)
-    embedding_avg, embedding_p95 = _latency_pair(sel, EMBEDDING_OPERATIONS, by_op)
+    p95 = latency_percentiles(
+        sel, {"completion": COMPLETION_OPERATIONS, "embedding": EMBEDDING_OPERATIONS}
+    )
+    completion_avg = _latency_average(sel, COMPLETION_OPERATIONS, by_op)
+    embedding_avg = _latency_average(sel, EMBEDDING_OPERATIONS, by_op)
+    completion_p95, embedding_p95 = p95["completion"], p95["embedding"]
     return {
         "requests": total.requests,
         "failed": total.failed_requests,
