@@ -719,6 +719,53 @@ def _pg_latency_series(raw_qs, sel: Selection, bucketing: Bucketing, averages: d
     return {key: (avg, quantiles.get(key)) for key, avg in averages.items()}
 
 
+def latency_series_groups(
+    sel: Selection, bucketing: Bucketing, groups: dict[str, tuple[str, ...]], q: float = 0.95
+) -> dict[str, dict[int, tuple[float | None, float | None]]]:
+    """`latency_series` per group of operations (groups must not overlap); on PostgreSQL,
+    where only raw events can answer, one scan serves every group."""
+    wanted = {
+        name: tuple(o for o in ops if not sel.operations or o in sel.operations)
+        for name, ops in groups.items()
+    }
+    wanted = {name: ops for name, ops in wanted.items() if ops}
+    if not wanted:
+        return {}
+    probe = replace(sel, operations=next(iter(wanted.values())))
+    if connection.vendor != "postgresql" or (_histogram_ok(probe) and bucketing.width >= HOUR):
+        return {
+            name: latency_series(replace(sel, operations=ops), bucketing, q)
+            for name, ops in wanted.items()
+        }
+    start, end = _epoch(sel.start), _epoch(sel.end)
+    every_op = tuple(o for ops in wanted.values() for o in ops)
+    qs = UsageEvent.objects.filter(_event_filters(replace(sel, operations=every_op))).filter(
+        timestamp__gte=sel.start, timestamp__lt=sel.end
+    )
+    qs = qs.annotate(
+        _ep=RawSQL(  # noqa: S611 - a constant expression, no user input
+            f"EXTRACT(EPOCH FROM {UsageEvent._meta.db_table}.timestamp)::bigint",
+            [],
+            output_field=BigIntegerField(),
+        ),
+        _group=Case(
+            *(When(operation__in=ops, then=Value(name)) for name, ops in wanted.items()),
+            output_field=CharField(),
+        ),
+    )
+    qs = qs.annotate(_tkey=bucketing.expression("_ep", start, end))
+    rows = qs.values("_tkey", "_group").annotate(p=PercentileDisc("latency_ms", q)).order_by()
+    quantiles = {(row["_group"], bucketing.key_from_sql(row["_tkey"])): row["p"] for row in rows}
+    out = {}
+    for name, ops in wanted.items():
+        grouped = grouped_totals(replace(sel, operations=ops), (), bucketing)
+        out[name] = {
+            key[0]: (totals.latency_ms_avg, quantiles.get((name, key[0])))
+            for key, totals in grouped.rows.items()
+        }
+    return out
+
+
 def models_seen(sel: Selection, days: int = 90) -> set[str]:
     """Models used within the viewer's scope over the last `days` days (for zero rows)."""
     end = _epoch(sel.end)

@@ -6,7 +6,7 @@ query engine adds), never one per row.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from zoneinfo import ZoneInfo
@@ -29,7 +29,7 @@ from .queries import (
     distinct_count,
     grouped_totals,
     latency_percentiles,
-    latency_series,
+    latency_series_groups,
     models_seen,
     top,
 )
@@ -430,11 +430,9 @@ def latency_over_time(ctx: Context) -> WidgetData:
         [],
         {k: {"time": label, "has_data": False} for k, label in zip(keys, x, strict=True)},
     )
-    for name, ops, _ in series_spec:
-        wanted = tuple(o for o in ops if not ctx.sel.operations or o in ctx.sel.operations)
-        if not wanted:
-            continue
-        values = latency_series(replace(ctx.sel, operations=wanted), b)
+    by_group = latency_series_groups(ctx.sel, b, {name: ops for name, ops, _ in series_spec})
+    for name, _, _ in series_spec:
+        values = by_group.get(name)
         if not values:
             continue
         avg = [
