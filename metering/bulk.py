@@ -23,7 +23,6 @@ Events of an organization with resource pools must go through `ingest_batch` (po
 categories depend on the order of consumption); `bulk_load` refuses them.
 """
 
-import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -35,12 +34,11 @@ from django.db import connection, transaction
 from .aggregates import LATENCY_GAMMA, MEASURES
 from .ingest import (
     EVENT_COLUMNS,
-    LABEL_FIELDS,
     CleanEvent,
     Rejection,
-    _json_default,
     _price,
     _resolve,
+    _row,
     validate_event,
 )
 from .models import (
@@ -116,32 +114,7 @@ class PreparedRows:
 
 def event_row(event: CleanEvent, organization_id: int, token_id: int | None, now) -> tuple:
     """One validated, resolved and priced event as a row in EVENT_COLUMNS order."""
-    return (
-        organization_id,
-        event.request_id,
-        event.timestamp,
-        event.model,
-        event.operation,
-        event.input_tokens,
-        event.cached_input_tokens,
-        event.cache_write_tokens,
-        event.output_tokens,
-        event.reasoning_tokens,
-        event.resource_type,
-        event.quantity,
-        event.latency_ms,
-        event.status_code,
-        event.cost_nanos,
-        event.cost_source,
-        event.user_id,
-        event.team_id,
-        event.project_id,
-        token_id,
-        *(event.labels[name] for name in LABEL_FIELDS),
-        event.pool_category,
-        json.dumps(event.metadata, default=_json_default) if event.metadata is not None else None,
-        now,
-    )
+    return _row(event, organization_id, token_id, now)
 
 
 def rows_from_events(*, organization, token, events: list[Any], now: datetime) -> PreparedRows:
