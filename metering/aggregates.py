@@ -251,7 +251,7 @@ def rollups_add(organization_id: int, token_id: int | None, events) -> None:
 # Reconciliation
 
 
-_FACT_FIELDS = (
+FACT_FIELDS = (
     "timestamp",
     "organization_id",
     "team_id",
@@ -305,7 +305,7 @@ def reconcile_day(org_id: int, day_start: int) -> list[str]:
         organization_id=org_id,
         timestamp__gte=datetime.fromtimestamp(day_start, UTC),
         timestamp__lt=datetime.fromtimestamp(day_end, UTC),
-    ).values_list(*_FACT_FIELDS)
+    ).values_list(*FACT_FIELDS)
     facts = (EventFacts(*row) for row in events.iterator(chunk_size=5000))
     org_rows, scope_rows, hist_rows = compute_rollups(facts)
     as_list = lambda v: list(v) if v is not None else None  # noqa: E731

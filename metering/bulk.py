@@ -31,7 +31,7 @@ from typing import Any
 
 from django.db import connection, transaction
 
-from .aggregates import LATENCY_GAMMA, MEASURES
+from .aggregates import FACT_FIELDS, HIST_KEYS, LATENCY_GAMMA, MEASURES, ORG_KEYS, SCOPE_KEYS
 from .ingest import (
     EVENT_COLUMNS,
     CleanEvent,
@@ -65,29 +65,8 @@ LATENCY_BUCKET_SQL = (
 )
 _EPOCH_SQL = "floor(extract(epoch FROM {col}))::bigint"
 
-# The columns of the inserted-rows table (and of RETURNING).
-_NEW_COLUMNS = (
-    "organization_id",
-    "timestamp",
-    "team_id",
-    "project_id",
-    "user_id",
-    "api_token_id",
-    "model",
-    "operation",
-    "status_code",
-    "assistant",
-    "workflow",
-    "input_tokens",
-    "cached_input_tokens",
-    "cache_write_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-    "quantity",
-    "cost_nanos",
-    "latency_ms",
-    "cost_source",
-)
+# The columns of the inserted-rows table (and of RETURNING): what the roll-ups need.
+_NEW_COLUMNS = FACT_FIELDS
 
 
 @dataclass
@@ -228,26 +207,14 @@ def _rollup_sql() -> list[str]:
 
     org = upsert(
         _q(OrgUsage15m._meta.db_table),
-        ["organization_id", "bucket", "model", "operation", "status_code"],
+        list(ORG_KEYS),
         ["organization_id", bucket, "model", "operation", "status_code"],
         MEASURES,
         measures,
     )
     scope = upsert(
         _q(ScopeUsage15m._meta.db_table),
-        [
-            "organization_id",
-            "bucket",
-            "team_id",
-            "project_id",
-            "user_id",
-            "api_token_id",
-            "model",
-            "operation",
-            "status_code",
-            "assistant",
-            "workflow",
-        ],
+        list(SCOPE_KEYS),
         [
             "organization_id",
             bucket,
@@ -266,7 +233,7 @@ def _rollup_sql() -> list[str]:
     )
     hist = upsert(
         _q(LatencyHistogramHourly._meta.db_table),
-        ["organization_id", "bucket", "operation", "latency_bucket"],
+        list(HIST_KEYS),
         ["organization_id", hour, "operation", LATENCY_BUCKET_SQL.format(col="latency_ms")],
         ("count",),
         "count(*)",
