@@ -347,7 +347,7 @@ def tokens_over_time(ctx: Context) -> WidgetData:
         rows=table,
         figure=figure,
         empty_message=_empty(ctx, "tokens"),
-        controls={"bucket": True, "split": True},
+        controls={"bucket": True, "split": "io"},
     )
 
 
@@ -383,7 +383,7 @@ def _tokens_by_model(ctx: Context) -> WidgetData:
         rows=table,
         figure=charts.time_bars(x, series, "Tokens", ",d"),
         empty_message=_empty(ctx, "tokens"),
-        controls={"bucket": True, "split": True},
+        controls={"bucket": True, "split": "model"},
     )
 
 
