@@ -643,6 +643,7 @@ def latency_series(
 
     Org-wide views read the hourly latency histogram (p95 within ~2 %); anything it cannot
     answer (scope filters, models, status, minute buckets, short ranges) reads raw events.
+    Widgets call `latency_series_groups`, which on PostgreSQL answers the raw case in SQL.
     """
     start, end = _epoch(sel.start), _epoch(sel.end)
     core_start, core_end = _ceil(start, HOUR), end - end % HOUR
@@ -678,8 +679,6 @@ def latency_series(
     else:
         edges = ((start, end),)
     raw_values: dict[int, list[int]] = defaultdict(list)
-    if not histogram_ok and connection.vendor == "postgresql":
-        return _pg_latency_series(raw_qs, sel, bucketing, averages, q)
     for a, b in edges:
         if a >= b:
             continue
@@ -701,22 +700,6 @@ def latency_series(
             quantile = _quantile_sorted(sorted(raw_values.get(key, [])), q)
         out[key] = (avg, quantile)
     return out
-
-
-def _pg_latency_series(raw_qs, sel: Selection, bucketing: Bucketing, averages: dict, q: float):
-    """Per-bucket exact percentiles in one PostgreSQL query (local buckets in SQL)."""
-    start, end = _epoch(sel.start), _epoch(sel.end)
-    qs = raw_qs.filter(timestamp__gte=sel.start, timestamp__lt=sel.end).annotate(
-        _ep=RawSQL(  # noqa: S611 - a constant expression, no user input
-            f"EXTRACT(EPOCH FROM {UsageEvent._meta.db_table}.timestamp)::bigint",
-            [],
-            output_field=BigIntegerField(),
-        )
-    )
-    qs = qs.annotate(_tkey=bucketing.expression("_ep", start, end))
-    rows = qs.values("_tkey").annotate(p=PercentileDisc("latency_ms", q)).order_by()
-    quantiles = {bucketing.key_from_sql(row["_tkey"]): row["p"] for row in rows}
-    return {key: (avg, quantiles.get(key)) for key, avg in averages.items()}
 
 
 def latency_series_groups(
