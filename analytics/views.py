@@ -22,8 +22,8 @@ from .filters import (
     session_options,
     token_label,
 )
-from .queries import WIDTHS, shared_reads
-from .visibility import viewer_scope, visible_organizations
+from .queries import WIDTHS, models_seen, shared_reads
+from .visibility import viewer_scope, visible_events, visible_organizations
 from .widgets import WIDGETS, Context, Money, WidgetData
 
 WIDGET_ORDER = [
@@ -47,8 +47,6 @@ PICKERS = [
 
 
 def _filter(request: HttpRequest) -> UsageFilter:
-    from .visibility import visible_events
-
     return UsageFilter(request.GET, queryset=visible_events(request.user), request=request)
 
 
@@ -169,8 +167,6 @@ def _options(
 ) -> list[dict]:
     """Option list for a picker: only what the viewer may see, matching `term`."""
     if kind == "model":
-        from .queries import models_seen
-
         sel = flt.selection()
         models = sorted(models_seen(sel)) if sel else []
         excluded = set(exclude)
