@@ -47,6 +47,7 @@ from metering.models import (
     BUCKET_SECONDS,
     CostSource,
     LatencyHistogramHourly,
+    LatencyHistogramScopeDaily,
     OrgUsage15m,
     ScopeUsage15m,
     UsageEvent,
@@ -249,6 +250,13 @@ class Bucketing:
         if not whens:
             return default
         return Case(*whens, default=default, output_field=BigIntegerField())
+
+    def aligned(self, grain: int, start: int, end: int) -> bool:
+        """True when every bucket boundary in [start, end) is a multiple of `grain` (a
+        UTC hour or day), so rows of that grain fall wholly inside one bucket."""
+        if self.width < grain or (self.width != DAY and self.width % grain):
+            return False
+        return all(offset % grain == 0 for _, offset in _offset_segments(self.tz, start, end))
 
     def key_from_sql(self, value: int) -> int:
         return self._day_start(value) if self.width == DAY else value
@@ -545,6 +553,92 @@ class PercentileDisc(Aggregate):
         super().__init__(expression, fraction=float(fraction), **extra)
 
 
+@dataclass(frozen=True)
+class _HistogramPlan:
+    """How a latency question splits between a histogram and raw events.
+
+    `rows` are the histogram rows of the selection inside [core_start, core_end) (whole
+    `grain` buckets); raw events answer the edges outside the core, and, inside it, the
+    events the histogram does not hold (`remainder`: a viewer's own events or tokens
+    outside the teams and projects they lead).
+    """
+
+    rows: QuerySet
+    grain: int
+    core_start: int
+    core_end: int
+    remainder: Q | None
+
+    def raw_q(self, sel: Selection) -> Q | None:
+        start, end = _epoch(sel.start), _epoch(sel.end)
+        q = _ranges_q(((start, self.core_start), (self.core_end, end)))
+        if self.remainder is not None:
+            core = _ranges_q(((self.core_start, self.core_end),)) & self.remainder
+            q = core if q is None else q | core
+        return q
+
+
+def _scope_part(scope: Scope) -> Q | None:
+    """The part of a partial scope the team/project histogram holds (orgs, teams,
+    projects); None when the scope has none of these."""
+    q = None
+    for column, values in (
+        ("organization_id", scope.org_ids),
+        ("team_id", scope.team_ids),
+        ("project_id", scope.project_ids),
+    ):
+        if values:
+            part = Q(**{f"{column}__in": values})
+            q = part if q is None else q | part
+    return q
+
+
+def _histogram_plan(sel: Selection) -> _HistogramPlan | None:
+    """The histogram that answers `sel`'s p95 within ~2 %, or None (raw events only:
+    short ranges, and filters the histograms lack: user, token, model, status, session)."""
+    if (
+        sel.needs_raw
+        or sel.user_ids
+        or sel.token_ids
+        or sel.models
+        or sel.status != "all"
+        or sel.end - sel.start <= RAW_RANGE_LIMIT
+    ):
+        return None
+    scope = sel.scope
+    remainder = None
+    if not sel.team_ids and not sel.project_ids and scope.covers_whole_orgs(sel.org_ids):
+        grain = HOUR
+        rows = LatencyHistogramHourly.objects.all()
+        if not scope.everything or sel.org_ids:
+            rows = rows.filter(organization_id__in=sel.org_ids)
+    else:
+        grain = DAY
+        rows = LatencyHistogramScopeDaily.objects.all()
+        if not scope.everything:
+            part = _scope_part(scope)
+            if part is None:
+                return None  # only own events or tokens: raw reads by the user/token index
+            rows = rows.filter(part)
+            if scope.user_id or scope.token_ids:
+                remainder = ~part
+        for column, values in (
+            ("organization_id", sel.org_ids),
+            ("team_id", sel.team_ids),
+            ("project_id", sel.project_ids),
+        ):
+            if values:
+                rows = rows.filter(**{f"{column}__in": values})
+    if sel.operations:
+        rows = rows.filter(operation__in=sel.operations)
+    start, end = _epoch(sel.start), _epoch(sel.end)
+    core_start, core_end = _ceil(start, grain), end - end % grain
+    if core_start >= core_end:
+        return None
+    rows = rows.filter(bucket__gte=core_start, bucket__lt=core_end)
+    return _HistogramPlan(rows, grain, core_start, core_end, remainder)
+
+
 def _raw_percentile(qs: QuerySet, q: float) -> float | None:
     if connection.vendor == "postgresql":
         value = qs.aggregate(p=PercentileDisc("latency_ms", q))["p"]
@@ -558,25 +652,18 @@ def _raw_percentile(qs: QuerySet, q: float) -> float | None:
 
 
 def latency_percentile(sel: Selection, q: float = 0.95) -> float | None:
-    """p-quantile latency in ms: from the histogram for org-wide views (within ~2 %),
-    exact from raw events when a filter needs dimensions the histogram lacks."""
-    start, end = _epoch(sel.start), _epoch(sel.end)
-    core_start, core_end = _ceil(start, HOUR), end - end % HOUR
+    """p-quantile latency in ms: from a histogram where one holds the selection (within
+    ~2 %), exact from raw events otherwise."""
     raw_qs = UsageEvent.objects.filter(_event_filters(sel))
-    if not _histogram_ok(sel):
+    plan = _histogram_plan(sel)
+    if plan is None:
         return _raw_percentile(raw_qs.filter(timestamp__gte=sel.start, timestamp__lt=sel.end), q)
     counts: dict[int, int] = defaultdict(int)
-    hist = LatencyHistogramHourly.objects.filter(bucket__gte=core_start, bucket__lt=core_end)
-    if not sel.scope.everything or sel.org_ids:
-        hist = hist.filter(organization_id__in=sel.org_ids)
-    if sel.operations:
-        hist = hist.filter(operation__in=sel.operations)
-    rows = hist.values("latency_bucket").annotate(n=Sum("count")).order_by()
-    for row in rows:
+    for row in plan.rows.values("latency_bucket").annotate(n=Sum("count")).order_by():
         counts[row["latency_bucket"]] += row["n"]
-    edges = _ranges_q(((start, core_start), (core_end, end)))
-    if edges is not None:
-        for latency in raw_qs.filter(edges).values_list("latency_ms", flat=True):
+    raw_q = plan.raw_q(sel)
+    if raw_q is not None:
+        for latency in raw_qs.filter(raw_q).values_list("latency_ms", flat=True):
             counts[latency_bucket(latency)] += 1
     return _percentile_from_histogram(counts, q)
 
@@ -586,8 +673,8 @@ def latency_percentiles(
 ) -> dict[str, float | None]:
     """p-quantile latency per group of operations (groups must not overlap).
 
-    Where only raw events can answer (scoped views) on PostgreSQL, one scan serves every
-    group; elsewhere each group is one `latency_percentile`.
+    Where only raw events can answer, on PostgreSQL, one scan serves every group; elsewhere
+    each group is one `latency_percentile`.
     """
     wanted = {
         name: tuple(o for o in ops if not sel.operations or o in sel.operations)
@@ -598,7 +685,7 @@ def latency_percentiles(
     if not wanted:
         return out
     probe = replace(sel, operations=next(iter(wanted.values())))
-    if connection.vendor != "postgresql" or _histogram_ok(probe):
+    if connection.vendor != "postgresql" or _histogram_plan(probe) is not None:
         for name, ops in wanted.items():
             out[name] = latency_percentile(replace(sel, operations=ops), q)
         return out
@@ -616,17 +703,12 @@ def latency_percentiles(
     return out
 
 
-def _histogram_ok(sel: Selection) -> bool:
-    start, end = _epoch(sel.start), _epoch(sel.end)
-    return (
-        not sel.needs_raw
-        and not sel.needs_scope_dims
-        and not sel.models
-        and sel.status == "all"
-        and sel.scope.covers_whole_orgs(sel.org_ids)
-        and _ceil(start, HOUR) < end - end % HOUR
-        and sel.end - sel.start > RAW_RANGE_LIMIT
-    )
+def _series_plan(sel: Selection, bucketing: Bucketing) -> _HistogramPlan | None:
+    """A histogram plan whose buckets never straddle a bucket of `bucketing`."""
+    plan = _histogram_plan(sel)
+    if plan is None or not bucketing.aligned(plan.grain, plan.core_start, plan.core_end):
+        return None
+    return plan
 
 
 def _quantile_sorted(values: list[int], q: float) -> float | None:
@@ -641,60 +723,40 @@ def latency_series(
 ) -> dict[int, tuple[float | None, float | None]]:
     """{bucket key: (average ms, p-quantile ms)} for the selection's calls.
 
-    Org-wide views read the hourly latency histogram (p95 within ~2 %); anything it cannot
-    answer (scope filters, models, status, minute buckets, short ranges) reads raw events.
+    A histogram answers p95 (within ~2 %) when its buckets fit the chart's (whole-hour
+    zones for the hourly one, UTC days for the daily one); otherwise raw events do.
     Widgets call `latency_series_groups`, which on PostgreSQL answers the raw case in SQL.
     """
-    start, end = _epoch(sel.start), _epoch(sel.end)
-    core_start, core_end = _ceil(start, HOUR), end - end % HOUR
     averages = {
         key[0]: totals.latency_ms_avg
         for key, totals in grouped_totals(sel, (), bucketing).rows.items()
     }
-    histogram_ok = (
-        not sel.needs_raw
-        and not sel.needs_scope_dims
-        and not sel.models
-        and sel.status == "all"
-        and sel.scope.covers_whole_orgs(sel.org_ids)
-        and bucketing.width >= HOUR
-        and core_start < core_end
-        and sel.end - sel.start > RAW_RANGE_LIMIT
-    )
+    plan = _series_plan(sel, bucketing)
     per_bucket: dict[int, dict[int, int]] = defaultdict(lambda: defaultdict(int))
     raw_qs = UsageEvent.objects.filter(_event_filters(sel))
-    if histogram_ok:
-        hist = LatencyHistogramHourly.objects.filter(bucket__gte=core_start, bucket__lt=core_end)
-        if not sel.scope.everything or sel.org_ids:
-            hist = hist.filter(organization_id__in=sel.org_ids)
-        if sel.operations:
-            hist = hist.filter(operation__in=sel.operations)
+    if plan is not None:
         # Local buckets computed in SQL: a few thousand rows instead of one per hour.
-        hist = hist.annotate(_tkey=bucketing.expression("bucket", core_start, core_end))
-        rows = hist.values("_tkey", "latency_bucket").annotate(n=Sum("count")).order_by()
-        for row in rows:
+        rows = plan.rows.annotate(
+            _tkey=bucketing.expression("bucket", plan.core_start, plan.core_end)
+        )
+        for row in rows.values("_tkey", "latency_bucket").annotate(n=Sum("count")).order_by():
             key = bucketing.key_from_sql(row["_tkey"])
             per_bucket[key][row["latency_bucket"]] += row["n"]
-        edges = ((start, core_start), (core_end, end))
+        raw_q = plan.raw_q(sel)
     else:
-        edges = ((start, end),)
+        raw_q = Q(timestamp__gte=sel.start, timestamp__lt=sel.end)
     raw_values: dict[int, list[int]] = defaultdict(list)
-    for a, b in edges:
-        if a >= b:
-            continue
-        rows = raw_qs.filter(
-            timestamp__gte=datetime.fromtimestamp(a, UTC),
-            timestamp__lt=datetime.fromtimestamp(b, UTC),
-        ).values_list("timestamp", "latency_ms")
+    if raw_q is not None:
+        rows = raw_qs.filter(raw_q).values_list("timestamp", "latency_ms")
         for ts, latency in rows.iterator(chunk_size=5000):
             key = bucketing.key_of(_epoch(ts))
-            if histogram_ok:
+            if plan is not None:
                 per_bucket[key][latency_bucket(latency)] += 1
             else:
                 raw_values[key].append(latency)
     out = {}
     for key, avg in averages.items():
-        if histogram_ok:
+        if plan is not None:
             quantile = _percentile_from_histogram(per_bucket.get(key, {}), q)
         else:
             quantile = _quantile_sorted(sorted(raw_values.get(key, [])), q)
@@ -715,7 +777,7 @@ def latency_series_groups(
     if not wanted:
         return {}
     probe = replace(sel, operations=next(iter(wanted.values())))
-    if connection.vendor != "postgresql" or (_histogram_ok(probe) and bucketing.width >= HOUR):
+    if connection.vendor != "postgresql" or _series_plan(probe, bucketing) is not None:
         return {
             name: latency_series(replace(sel, operations=ops), bucketing, q)
             for name, ops in wanted.items()

@@ -6,7 +6,9 @@ docs/architecture.md):
 - OrgUsage15m: org x 15 min x model x operation x status (org-wide widgets),
 - ScopeUsage15m: the same plus team, project, user, token, assistant, workflow
   (scoped viewers and scope filters),
-- LatencyHistogramHourly: org x hour x operation x log-latency bucket (p95).
+- LatencyHistogramHourly: org x hour x operation x log-latency bucket (org-wide p95),
+- LatencyHistogramScopeDaily: org x UTC day x team x project x operation x log-latency
+  bucket (p95 for team and project scopes and filters).
 
 Increments are upserts `ON CONFLICT ... DO UPDATE SET x = x + EXCLUDED.x`, sent in
 key order so that concurrent writers lock rows in the same order.
@@ -21,9 +23,11 @@ from django.db import connection
 
 from .models import (
     BUCKET_SECONDS,
+    DAY_SECONDS,
     HOUR_SECONDS,
     CostSource,
     LatencyHistogramHourly,
+    LatencyHistogramScopeDaily,
     OrgUsage15m,
     ScopeUsage15m,
 )
@@ -64,6 +68,14 @@ SCOPE_KEYS = (
     "workflow",
 )
 HIST_KEYS = ("organization_id", "bucket", "operation", "latency_bucket")
+SCOPE_HIST_KEYS = (
+    "organization_id",
+    "bucket",
+    "team_id",
+    "project_id",
+    "operation",
+    "latency_bucket",
+)
 
 
 def latency_bucket(latency_ms: int) -> int:
@@ -133,11 +145,12 @@ def _add(acc: list[int], values: tuple) -> None:
             acc[i] += value
 
 
-def compute_rollups(facts: Iterable[EventFacts]) -> tuple[dict, dict, dict]:
-    """Group events into the three roll-ups' rows: {key tuple: measures}."""
+def compute_rollups(facts: Iterable[EventFacts]) -> tuple[dict, dict, dict, dict]:
+    """Group events into the roll-ups' rows: {key tuple: measures or count}."""
     org_rows: dict[tuple, list[int]] = defaultdict(lambda: [0] * len(MEASURES))
     scope_rows: dict[tuple, list[int]] = defaultdict(lambda: [0] * len(MEASURES))
     hist_rows: dict[tuple, int] = defaultdict(int)
+    scope_hist_rows: dict[tuple, int] = defaultdict(int)
     for f in facts:
         ts = epoch(f.timestamp)
         bucket = ts - ts % BUCKET_SECONDS
@@ -158,8 +171,19 @@ def compute_rollups(facts: Iterable[EventFacts]) -> tuple[dict, dict, dict]:
         )
         _add(scope_rows[scope_key], values)
         hour = ts - ts % HOUR_SECONDS
-        hist_rows[(f.organization_id, hour, f.operation, latency_bucket(f.latency_ms))] += 1
-    return org_rows, scope_rows, hist_rows
+        lb = latency_bucket(f.latency_ms)
+        hist_rows[(f.organization_id, hour, f.operation, lb)] += 1
+        day = ts - ts % DAY_SECONDS
+        scope_hist_key = (
+            f.organization_id,
+            day,
+            f.team_id or 0,
+            f.project_id or 0,
+            f.operation,
+            lb,
+        )
+        scope_hist_rows[scope_hist_key] += 1
+    return org_rows, scope_rows, hist_rows, scope_hist_rows
 
 
 def _upsert(table: str, keys: tuple, measures: tuple, rows: list[tuple]) -> None:
@@ -195,7 +219,7 @@ def _upsert(table: str, keys: tuple, measures: tuple, rows: list[tuple]) -> None
             cursor.execute(sql, [v for row in chunk for v in row])
 
 
-def write_rollups(org_rows: dict, scope_rows: dict, hist_rows: dict) -> None:
+def write_rollups(org_rows: dict, scope_rows: dict, hist_rows: dict, scope_hist_rows: dict) -> None:
     """Add grouped rows to the roll-up tables, in key order (no deadlocks)."""
     _upsert(
         OrgUsage15m._meta.db_table,
@@ -214,6 +238,12 @@ def write_rollups(org_rows: dict, scope_rows: dict, hist_rows: dict) -> None:
         HIST_KEYS,
         ("count",),
         [(*key, count) for key, count in sorted(hist_rows.items())],
+    )
+    _upsert(
+        LatencyHistogramScopeDaily._meta.db_table,
+        SCOPE_HIST_KEYS,
+        ("count",),
+        [(*key, count) for key, count in sorted(scope_hist_rows.items())],
     )
 
 
@@ -273,7 +303,6 @@ FACT_FIELDS = (
     "latency_ms",
     "cost_source",
 )
-DAY_SECONDS = 86400
 
 
 def _stored(model, keys: tuple, measures: tuple, org_id: int, start: int, end: int) -> dict:
@@ -307,7 +336,7 @@ def reconcile_day(org_id: int, day_start: int) -> list[str]:
         timestamp__lt=datetime.fromtimestamp(day_end, UTC),
     ).values_list(*FACT_FIELDS)
     facts = (EventFacts(*row) for row in events.iterator(chunk_size=5000))
-    org_rows, scope_rows, hist_rows = compute_rollups(facts)
+    org_rows, scope_rows, hist_rows, scope_hist_rows = compute_rollups(facts)
     as_list = lambda v: list(v) if v is not None else None  # noqa: E731
     problems = _diff(
         "org roll-up",
@@ -328,6 +357,13 @@ def reconcile_day(org_id: int, day_start: int) -> list[str]:
         ).items()
     }
     problems += _diff("latency histogram", dict(hist_rows), stored_hist)
+    stored_scope_hist = {
+        k: v[0]
+        for k, v in _stored(
+            LatencyHistogramScopeDaily, SCOPE_HIST_KEYS, ("count",), org_id, day_start, day_end
+        ).items()
+    }
+    problems += _diff("scope latency histogram", dict(scope_hist_rows), stored_scope_hist)
     return problems
 
 
@@ -344,7 +380,7 @@ def reconcile_days(org_id: int, since: int | None = None) -> tuple[list[int], li
     from .models import UsageEvent
 
     days: set[int] = set()
-    for model in (OrgUsage15m, ScopeUsage15m, LatencyHistogramHourly):
+    for model in (OrgUsage15m, ScopeUsage15m, LatencyHistogramHourly, LatencyHistogramScopeDaily):
         qs = model.objects.filter(organization_id=org_id)
         if since is not None:
             qs = qs.filter(bucket__gte=since)

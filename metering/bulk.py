@@ -10,13 +10,13 @@ then `bulk_load` writes them chunk by chunk:
 2. `INSERT INTO metering_usageevent SELECT ... FROM staging ORDER BY (org, request_id)
    ON CONFLICT (organization_id, request_id) DO NOTHING RETURNING ...` into a second
    temporary table: the rows really inserted (a duplicate changes nothing);
-3. the roll-ups (OrgUsage15m, ScopeUsage15m, LatencyHistogramHourly) and the budget spend
+3. the roll-ups (OrgUsage15m, ScopeUsage15m, both latency histograms) and the budget spend
    counters (BudgetSpend15m) get `INSERT ... SELECT ... GROUP BY ... ORDER BY key
    ON CONFLICT DO UPDATE SET x = x + EXCLUDED.x` from those rows only, keys in sorted
    order (concurrent loaders and live ingestion lock rows in the same order).
 
 The SQL computes the same keys as `metering.aggregates.compute_rollups` (15-minute and
-hourly buckets from the UTC epoch, missing ids as 0, the log-latency bucket of
+hourly and daily buckets from the UTC epoch, missing ids as 0, the log-latency bucket of
 `aggregates.latency_bucket`), so `manage.py check_aggregates` stays clean.
 
 Events of an organization with resource pools must go through `ingest_batch` (pool
@@ -31,7 +31,15 @@ from typing import Any
 
 from django.db import connection, transaction
 
-from .aggregates import FACT_FIELDS, HIST_KEYS, LATENCY_GAMMA, MEASURES, ORG_KEYS, SCOPE_KEYS
+from .aggregates import (
+    FACT_FIELDS,
+    HIST_KEYS,
+    LATENCY_GAMMA,
+    MEASURES,
+    ORG_KEYS,
+    SCOPE_HIST_KEYS,
+    SCOPE_KEYS,
+)
 from .ingest import (
     EVENT_COLUMNS,
     CleanEvent,
@@ -43,10 +51,12 @@ from .ingest import (
 )
 from .models import (
     BUCKET_SECONDS,
+    DAY_SECONDS,
     HOUR_SECONDS,
     BudgetSpend15m,
     CostSource,
     LatencyHistogramHourly,
+    LatencyHistogramScopeDaily,
     OrgUsage15m,
     Pool,
     ScopeUsage15m,
@@ -181,6 +191,7 @@ def _rollup_sql() -> list[str]:
     epoch = _EPOCH_SQL.format(col='"timestamp"')
     bucket = f"({epoch} - {epoch} % {BUCKET_SECONDS})"
     hour = f"({epoch} - {epoch} % {HOUR_SECONDS})"
+    day = f"({epoch} - {epoch} % {DAY_SECONDS})"
     measures = (
         "count(*), sum(input_tokens), sum(cached_input_tokens), sum(cache_write_tokens), "
         "sum(output_tokens), sum(reasoning_tokens), sum(quantity), sum(cost_nanos), "
@@ -238,6 +249,20 @@ def _rollup_sql() -> list[str]:
         ("count",),
         "count(*)",
     )
+    scope_hist = upsert(
+        _q(LatencyHistogramScopeDaily._meta.db_table),
+        list(SCOPE_HIST_KEYS),
+        [
+            "organization_id",
+            day,
+            "coalesce(team_id, 0)",
+            "coalesce(project_id, 0)",
+            "operation",
+            LATENCY_BUCKET_SQL.format(col="latency_ms"),
+        ],
+        ("count",),
+        "count(*)",
+    )
     spend_table = _q(BudgetSpend15m._meta.db_table)
     subjects = " UNION ALL ".join(
         f"SELECT organization_id, '{subject}' AS subject, {column} AS subject_id, "
@@ -258,7 +283,7 @@ def _rollup_sql() -> list[str]:
         "ON CONFLICT (organization_id, subject, subject_id, bucket) "
         f"DO UPDATE SET cost_nanos = {spend_table}.cost_nanos + EXCLUDED.cost_nanos"
     )
-    return [org, scope, hist, spend]
+    return [org, scope, hist, scope_hist, spend]
 
 
 def _insert_sql() -> str:

@@ -19,6 +19,7 @@ from accounts.models import ApiToken, Organization, Project, Team, User
 NANOS_PER_USD = 1_000_000_000
 BUCKET_SECONDS = 15 * 60  # roll-up grain: 15 minutes aligns with every UTC offset in use
 HOUR_SECONDS = 3600
+DAY_SECONDS = 86400
 
 
 def nanos_to_usd(nanos: int | None) -> Decimal:
@@ -314,6 +315,33 @@ class LatencyHistogramHourly(models.Model):  # noqa: DJ008
 
     class Meta:
         db_table = "metering_latency_hist_hourly"
+
+
+class LatencyHistogramScopeDaily(models.Model):  # noqa: DJ008
+    """The latency histogram per organization, UTC day, team, project and operation.
+
+    It serves p95 for team leads, project admins and team/project filters, whose exact
+    answer would otherwise sort every event of the scope: a day of one team or project
+    folds hundreds of events into one row per latency bucket. Missing ids are 0.
+    """
+
+    pk = models.CompositePrimaryKey(
+        "organization", "bucket", "team_id", "project_id", "operation", "latency_bucket"
+    )
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE)
+    bucket = models.BigIntegerField()  # UTC day start, epoch seconds
+    team_id = models.BigIntegerField()
+    project_id = models.BigIntegerField()
+    operation = models.CharField(max_length=20)
+    latency_bucket = models.SmallIntegerField()
+    count = models.BigIntegerField(default=0)
+
+    class Meta:
+        db_table = "metering_latency_hist_scope_daily"
+        indexes = [
+            models.Index(fields=["organization", "team_id", "bucket"], name="lathist_team"),
+            models.Index(fields=["organization", "project_id", "bucket"], name="lathist_project"),
+        ]
 
 
 # ---------------------------------------------------------------------------------------
