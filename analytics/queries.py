@@ -386,17 +386,20 @@ def rollup_source(sel: Selection, dims: tuple[str, ...]) -> QuerySet:
     return ScopeUsage15m.objects.filter(rollup_scope_q(sel.scope)).filter(_dimension_filters(sel))
 
 
-def _ranges_q(ranges) -> Q | None:
-    """timestamp in any of the [a, b) epoch ranges (empty ones skipped); None if none."""
-    q = None
-    for a, b in ranges:
-        if a < b:
-            part = Q(
-                timestamp__gte=datetime.fromtimestamp(a, UTC),
-                timestamp__lt=datetime.fromtimestamp(b, UTC),
-            )
-            q = part if q is None else q | part
-    return q
+def _range_qs(ranges) -> list[Q]:
+    """One `timestamp in [a, b)` predicate per non-empty epoch range.
+
+    Each range is read by its own query: ORed time ranges would keep PostgreSQL from using
+    the time column of the (org, scope column, time) indexes and scan the whole scope.
+    """
+    return [
+        Q(
+            timestamp__gte=datetime.fromtimestamp(a, UTC),
+            timestamp__lt=datetime.fromtimestamp(b, UTC),
+        )
+        for a, b in ranges
+        if a < b
+    ]
 
 
 def _raw_grouped(
@@ -408,19 +411,17 @@ def _raw_grouped(
 def _raw_grouped_ranges(
     sel: Selection, ranges, dims: tuple[str, ...], bucketing: Bucketing | None
 ) -> Grouped:
-    """Raw totals over several time ranges (the two edges of a range) in one query."""
+    """Raw totals over several time ranges (the two edges of a range), one query each."""
     out = Grouped(dims)
-    in_ranges = _ranges_q(ranges)
-    if in_ranges is None:
-        return out
-    qs = UsageEvent.objects.filter(_event_filters(sel)).filter(in_ranges)
-    values = list(dims)
-    if bucketing is not None:
-        qs = qs.annotate(_minute=TruncMinute("timestamp", tzinfo=UTC))
-        values.append("_minute")
-    for row in _grouped_rows(qs, values, _raw_aggregates()):
-        key_time = bucketing.key_of(_epoch(row["_minute"])) if bucketing else None
-        out.add((key_time, *(row[d] for d in dims)), _to_totals(row))
+    for in_range in _range_qs(ranges):
+        qs = UsageEvent.objects.filter(_event_filters(sel)).filter(in_range)
+        values = list(dims)
+        if bucketing is not None:
+            qs = qs.annotate(_minute=TruncMinute("timestamp", tzinfo=UTC))
+            values.append("_minute")
+        for row in _grouped_rows(qs, values, _raw_aggregates()):
+            key_time = bucketing.key_of(_epoch(row["_minute"])) if bucketing else None
+            out.add((key_time, *(row[d] for d in dims)), _to_totals(row))
     return out
 
 
@@ -505,12 +506,15 @@ def distinct_values(sel: Selection, column: str) -> set:
     raw_only = sel.needs_raw or sel.end - sel.start <= RAW_RANGE_LIMIT or core_start >= core_end
 
     def raw(*ranges) -> set:
-        in_ranges = _ranges_q(ranges)
-        if in_ranges is None:
-            return set()
-        qs = UsageEvent.objects.filter(_event_filters(sel)).filter(in_ranges)
-        qs = qs.exclude(**{f"{column}__isnull": True}) if empty == 0 else qs.exclude(**{column: ""})
-        return set(qs.values_list(column, flat=True).distinct().order_by())
+        out = set()
+        for in_range in _range_qs(ranges):
+            qs = UsageEvent.objects.filter(_event_filters(sel)).filter(in_range)
+            if empty == 0:
+                qs = qs.exclude(**{f"{column}__isnull": True})
+            else:
+                qs = qs.exclude(**{column: ""})
+            out |= set(qs.values_list(column, flat=True).distinct().order_by())
+        return out
 
     if raw_only:
         return raw((start, end))
@@ -559,8 +563,8 @@ class _HistogramPlan:
 
     `rows` are the histogram rows of the selection inside [core_start, core_end) (whole
     `grain` buckets); raw events answer the edges outside the core, and, inside it, the
-    events the histogram does not hold (`remainder`: a viewer's own events or tokens
-    outside the teams and projects they lead).
+    events the histogram does not hold (`remainder`: a viewer's own events outside the
+    teams, projects and tokens of their scope).
     """
 
     rows: QuerySet
@@ -569,23 +573,24 @@ class _HistogramPlan:
     core_end: int
     remainder: Q | None
 
-    def raw_q(self, sel: Selection) -> Q | None:
+    def raw_parts(self, sel: Selection) -> list[Q]:
+        """What raw events add, one predicate (one indexed query) each."""
         start, end = _epoch(sel.start), _epoch(sel.end)
-        q = _ranges_q(((start, self.core_start), (self.core_end, end)))
+        parts = _range_qs(((start, self.core_start), (self.core_end, end)))
         if self.remainder is not None:
-            core = _ranges_q(((self.core_start, self.core_end),)) & self.remainder
-            q = core if q is None else q | core
-        return q
+            parts += [q & self.remainder for q in _range_qs(((self.core_start, self.core_end),))]
+        return parts
 
 
 def _scope_part(scope: Scope) -> Q | None:
-    """The part of a partial scope the team/project histogram holds (orgs, teams,
-    projects); None when the scope has none of these."""
+    """The part of a partial scope the scoped histogram holds (orgs, teams, projects,
+    owned tokens); None when the scope has none of these."""
     q = None
     for column, values in (
         ("organization_id", scope.org_ids),
         ("team_id", scope.team_ids),
         ("project_id", scope.project_ids),
+        ("api_token_id", scope.token_ids),
     ):
         if values:
             part = Q(**{f"{column}__in": values})
@@ -595,11 +600,10 @@ def _scope_part(scope: Scope) -> Q | None:
 
 def _histogram_plan(sel: Selection) -> _HistogramPlan | None:
     """The histogram that answers `sel`'s p95 within ~2 %, or None (raw events only:
-    short ranges, and filters the histograms lack: user, token, model, status, session)."""
+    short ranges, and filters the histograms lack: user, model, status, session)."""
     if (
         sel.needs_raw
         or sel.user_ids
-        or sel.token_ids
         or sel.models
         or sel.status != "all"
         or sel.end - sel.start <= RAW_RANGE_LIMIT
@@ -607,7 +611,8 @@ def _histogram_plan(sel: Selection) -> _HistogramPlan | None:
         return None
     scope = sel.scope
     remainder = None
-    if not sel.team_ids and not sel.project_ids and scope.covers_whole_orgs(sel.org_ids):
+    scoped_filter = sel.team_ids or sel.project_ids or sel.token_ids
+    if not scoped_filter and scope.covers_whole_orgs(sel.org_ids):
         grain = HOUR
         rows = LatencyHistogramHourly.objects.all()
         if not scope.everything or sel.org_ids:
@@ -618,14 +623,15 @@ def _histogram_plan(sel: Selection) -> _HistogramPlan | None:
         if not scope.everything:
             part = _scope_part(scope)
             if part is None:
-                return None  # only own events or tokens: raw reads by the user/token index
+                return None  # only own events: raw reads by the user index
             rows = rows.filter(part)
-            if scope.user_id or scope.token_ids:
+            if scope.user_id:
                 remainder = ~part
         for column, values in (
             ("organization_id", sel.org_ids),
             ("team_id", sel.team_ids),
             ("project_id", sel.project_ids),
+            ("api_token_id", sel.token_ids),
         ):
             if values:
                 rows = rows.filter(**{f"{column}__in": values})
@@ -661,9 +667,8 @@ def latency_percentile(sel: Selection, q: float = 0.95) -> float | None:
     counts: dict[int, int] = defaultdict(int)
     for row in plan.rows.values("latency_bucket").annotate(n=Sum("count")).order_by():
         counts[row["latency_bucket"]] += row["n"]
-    raw_q = plan.raw_q(sel)
-    if raw_q is not None:
-        for latency in raw_qs.filter(raw_q).values_list("latency_ms", flat=True):
+    for part in plan.raw_parts(sel):
+        for latency in raw_qs.filter(part).values_list("latency_ms", flat=True):
             counts[latency_bucket(latency)] += 1
     return _percentile_from_histogram(counts, q)
 
@@ -742,12 +747,12 @@ def latency_series(
         for row in rows.values("_tkey", "latency_bucket").annotate(n=Sum("count")).order_by():
             key = bucketing.key_from_sql(row["_tkey"])
             per_bucket[key][row["latency_bucket"]] += row["n"]
-        raw_q = plan.raw_q(sel)
+        raw_parts = plan.raw_parts(sel)
     else:
-        raw_q = Q(timestamp__gte=sel.start, timestamp__lt=sel.end)
+        raw_parts = [Q(timestamp__gte=sel.start, timestamp__lt=sel.end)]
     raw_values: dict[int, list[int]] = defaultdict(list)
-    if raw_q is not None:
-        rows = raw_qs.filter(raw_q).values_list("timestamp", "latency_ms")
+    for part in raw_parts:
+        rows = raw_qs.filter(part).values_list("timestamp", "latency_ms")
         for ts, latency in rows.iterator(chunk_size=5000):
             key = bucketing.key_of(_epoch(ts))
             if plan is not None:

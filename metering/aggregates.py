@@ -7,8 +7,8 @@ docs/architecture.md):
 - ScopeUsage15m: the same plus team, project, user, token, assistant, workflow
   (scoped viewers and scope filters),
 - LatencyHistogramHourly: org x hour x operation x log-latency bucket (org-wide p95),
-- LatencyHistogramScopeDaily: org x UTC day x team x project x operation x log-latency
-  bucket (p95 for team and project scopes and filters).
+- LatencyHistogramScopeDaily: org x UTC day x team x project x token x operation x
+  log-latency bucket (p95 for team, project and token scopes and filters).
 
 Increments are upserts `ON CONFLICT ... DO UPDATE SET x = x + EXCLUDED.x`, sent in
 key order so that concurrent writers lock rows in the same order.
@@ -73,6 +73,7 @@ SCOPE_HIST_KEYS = (
     "bucket",
     "team_id",
     "project_id",
+    "api_token_id",
     "operation",
     "latency_bucket",
 )
@@ -179,6 +180,7 @@ def compute_rollups(facts: Iterable[EventFacts]) -> tuple[dict, dict, dict, dict
             day,
             f.team_id or 0,
             f.project_id or 0,
+            f.api_token_id or 0,
             f.operation,
             lb,
         )

@@ -257,6 +257,7 @@ def _rollup_sql() -> list[str]:
             day,
             "coalesce(team_id, 0)",
             "coalesce(project_id, 0)",
+            "coalesce(api_token_id, 0)",
             "operation",
             LATENCY_BUCKET_SQL.format(col="latency_ms"),
         ],

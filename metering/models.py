@@ -318,20 +318,28 @@ class LatencyHistogramHourly(models.Model):  # noqa: DJ008
 
 
 class LatencyHistogramScopeDaily(models.Model):  # noqa: DJ008
-    """The latency histogram per organization, UTC day, team, project and operation.
+    """The latency histogram per organization, UTC day, team, project, token, operation.
 
-    It serves p95 for team leads, project admins and team/project filters, whose exact
-    answer would otherwise sort every event of the scope: a day of one team or project
-    folds hundreds of events into one row per latency bucket. Missing ids are 0.
+    It serves p95 for team leads, project admins (and the tokens they own) and for team,
+    project and token filters, whose exact answer would otherwise sort every event of the
+    scope: a day of one team, project and token folds hundreds of events into one row per
+    latency bucket. Missing ids are 0.
     """
 
     pk = models.CompositePrimaryKey(
-        "organization", "bucket", "team_id", "project_id", "operation", "latency_bucket"
+        "organization",
+        "bucket",
+        "team_id",
+        "project_id",
+        "api_token_id",
+        "operation",
+        "latency_bucket",
     )
     organization = models.ForeignKey(Organization, on_delete=models.CASCADE)
     bucket = models.BigIntegerField()  # UTC day start, epoch seconds
     team_id = models.BigIntegerField()
     project_id = models.BigIntegerField()
+    api_token_id = models.BigIntegerField()
     operation = models.CharField(max_length=20)
     latency_bucket = models.SmallIntegerField()
     count = models.BigIntegerField(default=0)
@@ -341,6 +349,7 @@ class LatencyHistogramScopeDaily(models.Model):  # noqa: DJ008
         indexes = [
             models.Index(fields=["organization", "team_id", "bucket"], name="lathist_team"),
             models.Index(fields=["organization", "project_id", "bucket"], name="lathist_project"),
+            models.Index(fields=["organization", "api_token_id", "bucket"], name="lathist_token"),
         ]
 
 

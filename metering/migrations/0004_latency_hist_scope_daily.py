@@ -18,11 +18,12 @@ def _flush(Hist, org_id, counts):
                 bucket=b,
                 team_id=t,
                 project_id=p,
+                api_token_id=k,
                 operation=o,
                 latency_bucket=lb,
                 count=n,
             )
-            for (b, t, p, o, lb), n in counts.items()
+            for (b, t, p, k, o, lb), n in counts.items()
         ],
         batch_size=2000,
     )
@@ -37,17 +38,20 @@ def backfill(apps, schema_editor):
         rows = (
             Event.objects.filter(organization_id=org_id)
             .order_by("timestamp")
-            .values_list("timestamp", "team_id", "project_id", "operation", "latency_ms")
+            .values_list(
+                "timestamp", "team_id", "project_id", "api_token_id", "operation", "latency_ms"
+            )
         )
         counts, day = defaultdict(int), None
-        for ts, team_id, project_id, operation, latency in rows.iterator(chunk_size=5000):
+        for ts, team_id, project_id, token_id, operation, latency in rows.iterator(chunk_size=5000):
             epoch = int(ts.timestamp())
             this_day = epoch - epoch % DAY
             if day is not None and this_day != day:
                 _flush(Hist, org_id, counts)
             day = this_day
             lb = 0 if latency <= 1 else math.ceil(math.log(latency) / LOG_GAMMA - 1e-9)
-            counts[(this_day, team_id or 0, project_id or 0, operation, lb)] += 1
+            key = (this_day, team_id or 0, project_id or 0, token_id or 0, operation, lb)
+            counts[key] += 1
         _flush(Hist, org_id, counts)
 
 
@@ -68,6 +72,7 @@ class Migration(migrations.Migration):
                         "bucket",
                         "team_id",
                         "project_id",
+                        "api_token_id",
                         "operation",
                         "latency_bucket",
                         blank=True,
@@ -79,6 +84,7 @@ class Migration(migrations.Migration):
                 ("bucket", models.BigIntegerField()),
                 ("team_id", models.BigIntegerField()),
                 ("project_id", models.BigIntegerField()),
+                ("api_token_id", models.BigIntegerField()),
                 ("operation", models.CharField(max_length=20)),
                 ("latency_bucket", models.SmallIntegerField()),
                 ("count", models.BigIntegerField(default=0)),
@@ -95,6 +101,9 @@ class Migration(migrations.Migration):
                     models.Index(fields=["organization", "team_id", "bucket"], name="lathist_team"),
                     models.Index(
                         fields=["organization", "project_id", "bucket"], name="lathist_project"
+                    ),
+                    models.Index(
+                        fields=["organization", "api_token_id", "bucket"], name="lathist_token"
                     ),
                 ],
             },
