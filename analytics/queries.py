@@ -49,7 +49,10 @@ from metering.models import (
     LatencyHistogramHourly,
     LatencyHistogramScopeDaily,
     OrgUsage15m,
+    OrgUsageDaily,
+    OrgUsageHourly,
     ScopeUsage15m,
+    ScopeUsageDaily,
     UsageEvent,
 )
 
@@ -371,19 +374,64 @@ def _to_totals(row: dict) -> Totals:
     return Totals(**{name: int(row.get(f"t_{name}") or 0) for name in Totals.__dataclass_fields__})
 
 
-def rollup_source(sel: Selection, dims: tuple[str, ...]) -> QuerySet:
-    """The narrow roll-up when it can answer exactly, else the wide one (scope-gated)."""
-    narrow = (
+# Each roll-up family from the coarsest grain to the finest: a range reads its whole UTC
+# days, then whole hours, then quarters, then raw seconds at the two edges.
+NARROW_TIERS = ((DAY, OrgUsageDaily), (HOUR, OrgUsageHourly), (BUCKET_SECONDS, OrgUsage15m))
+WIDE_TIERS = ((DAY, ScopeUsageDaily), (BUCKET_SECONDS, ScopeUsage15m))
+
+
+def _narrow_ok(sel: Selection, dims: tuple[str, ...]) -> bool:
+    """The org-wide roll-up answers exactly: no scope dimension asked, whole orgs seen."""
+    return (
         set(dims) <= NARROW_DIMS
         and not sel.needs_scope_dims
         and sel.scope.covers_whole_orgs(sel.org_ids)
     )
+
+
+def _rollup_rows(sel: Selection, narrow: bool, narrow_model, wide_model) -> QuerySet:
+    """One roll-up table's rows of the selection: the org-wide table only where the scope
+    covers the whole selected organizations, else the wide one behind the gate."""
     if narrow:
-        qs = OrgUsage15m.objects.all()
+        qs = narrow_model.objects.all()
         if not sel.scope.everything:
             qs = qs.filter(organization_id__in=sel.org_ids)
         return qs.filter(_dimension_filters(sel))
-    return ScopeUsage15m.objects.filter(rollup_scope_q(sel.scope)).filter(_dimension_filters(sel))
+    return wide_model.objects.filter(rollup_scope_q(sel.scope)).filter(_dimension_filters(sel))
+
+
+def rollup_source(sel: Selection, dims: tuple[str, ...], grain: int = BUCKET_SECONDS) -> QuerySet:
+    """The narrow roll-up of `grain` when it can answer exactly, else the wide one."""
+    narrow = dict(NARROW_TIERS).get(grain)
+    wide = dict(WIDE_TIERS).get(grain)
+    if _narrow_ok(sel, dims) and narrow is not None:
+        return _rollup_rows(sel, True, narrow, None)
+    if wide is None:
+        raise ValueError(f"no wide roll-up of grain {grain}")
+    return _rollup_rows(sel, False, None, wide)
+
+
+def _plan_tiers(
+    grains: tuple[int, ...], start: int, end: int, bucketing: Bucketing | None
+) -> tuple[list[tuple[int, int, int]], list[tuple[int, int]]]:
+    """Split [start, end) into roll-up reads [(grain, a, b)], coarsest first, and the raw
+    ranges left at the edges. A grain is used only where its buckets never straddle a
+    chart bucket (UTC days for UTC-day charts, hours in whole-hour zones)."""
+    pending = [(start, end)]
+    reads = []
+    for grain in grains:
+        if bucketing is not None and not bucketing.aligned(grain, start, end):
+            continue
+        left = []
+        for a, b in pending:
+            core_start, core_end = _ceil(a, grain), b - b % grain
+            if core_start < core_end:
+                reads.append((grain, core_start, core_end))
+                left += [(a, core_start), (core_end, b)]
+            else:
+                left.append((a, b))
+        pending = [(a, b) for a, b in left if a < b]
+    return reads, pending
 
 
 def _range_qs(ranges) -> list[Q]:
@@ -400,12 +448,6 @@ def _range_qs(ranges) -> list[Q]:
         for a, b in ranges
         if a < b
     ]
-
-
-def _raw_grouped(
-    sel: Selection, start: int, end: int, dims: tuple[str, ...], bucketing: Bucketing | None
-) -> Grouped:
-    return _raw_grouped_ranges(sel, ((start, end),), dims, bucketing)
 
 
 def _raw_grouped_ranges(
@@ -463,18 +505,23 @@ def _grouped_totals(sel: Selection, dims: tuple[str, ...], bucketing: Bucketing 
         or sel.end - sel.start <= RAW_RANGE_LIMIT
         or (bucketing is not None and bucketing.width < BUCKET_SECONDS)
     )
-    core_start, core_end = _ceil(start, BUCKET_SECONDS), end - end % BUCKET_SECONDS
-    if raw_only or core_start >= core_end:
-        return _raw_grouped(sel, start, end, dims, bucketing)
-    out = _raw_grouped_ranges(sel, ((start, core_start), (core_end, end)), dims, bucketing)
-    qs = rollup_source(sel, dims).filter(bucket__gte=core_start, bucket__lt=core_end)
-    values = list(dims)
-    if bucketing is not None:
-        qs = qs.annotate(_tkey=bucketing.expression("bucket", core_start, core_end))
-        values.append("_tkey")
-    for row in _grouped_rows(qs, values, _rollup_aggregates()):
-        key_time = bucketing.key_from_sql(row["_tkey"]) if bucketing else None
-        out.add((key_time, *(_rollup_value(d, row[d]) for d in dims)), _to_totals(row))
+    narrow = _narrow_ok(sel, dims)
+    tiers = dict(NARROW_TIERS if narrow else WIDE_TIERS)
+    reads, raw_ranges = (
+        ([], [(start, end)]) if raw_only else _plan_tiers(tuple(tiers), start, end, bucketing)
+    )
+    out = _raw_grouped_ranges(sel, raw_ranges, dims, bucketing)
+    for grain, a, b in reads:
+        qs = _rollup_rows(sel, narrow, tiers[grain], tiers[grain]).filter(
+            bucket__gte=a, bucket__lt=b
+        )
+        values = list(dims)
+        if bucketing is not None:
+            qs = qs.annotate(_tkey=bucketing.expression("bucket", a, b))
+            values.append("_tkey")
+        for row in _grouped_rows(qs, values, _rollup_aggregates()):
+            key_time = bucketing.key_from_sql(row["_tkey"]) if bucketing else None
+            out.add((key_time, *(_rollup_value(d, row[d]) for d in dims)), _to_totals(row))
     return out
 
 
@@ -502,30 +549,23 @@ def distinct_count(sel: Selection, column: str) -> int:
 def distinct_values(sel: Selection, column: str) -> set:
     empty = 0 if column.endswith("_id") else ""
     start, end = _epoch(sel.start), _epoch(sel.end)
-    core_start, core_end = _ceil(start, BUCKET_SECONDS), end - end % BUCKET_SECONDS
-    raw_only = sel.needs_raw or sel.end - sel.start <= RAW_RANGE_LIMIT or core_start >= core_end
-
-    def raw(*ranges) -> set:
-        out = set()
-        for in_range in _range_qs(ranges):
-            qs = UsageEvent.objects.filter(_event_filters(sel)).filter(in_range)
-            if empty == 0:
-                qs = qs.exclude(**{f"{column}__isnull": True})
-            else:
-                qs = qs.exclude(**{column: ""})
-            out |= set(qs.values_list(column, flat=True).distinct().order_by())
-        return out
-
-    if raw_only:
-        return raw((start, end))
-    values = raw((start, core_start), (core_end, end))
-    qs = (
-        ScopeUsage15m.objects.filter(rollup_scope_q(sel.scope))
-        .filter(_dimension_filters(sel))
-        .filter(bucket__gte=core_start, bucket__lt=core_end)
-        .exclude(**{column: empty})
+    raw_only = sel.needs_raw or sel.end - sel.start <= RAW_RANGE_LIMIT
+    tiers = dict(WIDE_TIERS)
+    reads, raw_ranges = (
+        ([], [(start, end)]) if raw_only else _plan_tiers(tuple(tiers), start, end, None)
     )
-    values |= set(qs.values_list(column, flat=True).distinct().order_by())
+    values = set()
+    for in_range in _range_qs(raw_ranges):
+        qs = UsageEvent.objects.filter(_event_filters(sel)).filter(in_range)
+        missing = {f"{column}__isnull": True} if empty == 0 else {column: ""}
+        values |= set(qs.exclude(**missing).values_list(column, flat=True).distinct().order_by())
+    for grain, a, b in reads:
+        qs = (
+            _rollup_rows(sel, False, None, tiers[grain])
+            .filter(bucket__gte=a, bucket__lt=b)
+            .exclude(**{column: empty})
+        )
+        values |= set(qs.values_list(column, flat=True).distinct().order_by())
     return values
 
 
@@ -817,9 +857,11 @@ def latency_series_groups(
 
 
 def models_seen(sel: Selection, days: int = 90) -> set[str]:
-    """Models used within the viewer's scope over the last `days` days (for zero rows)."""
+    """Models used within the viewer's scope over the last `days` days (for zero rows),
+    from whole UTC days of the daily roll-up (today's row grows with ingestion)."""
     end = _epoch(sel.end)
     since = end - days * DAY
-    since -= since % BUCKET_SECONDS
-    qs = rollup_source(replace(sel, models=(), status="all"), ("model",)).filter(bucket__gte=since)
+    since -= since % DAY
+    source = replace(sel, models=(), status="all")
+    qs = rollup_source(source, ("model",), DAY).filter(bucket__gte=since, bucket__lt=end)
     return set(qs.values_list("model", flat=True).distinct().order_by())

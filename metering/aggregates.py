@@ -1,11 +1,12 @@
 """Roll-up maintenance: increments at ingest, and a full recomputation to check them.
 
-Three roll-ups, each chosen for the widgets and filters it can serve (see
+Roll-ups, each chosen for the widgets and filters it can serve (see
 docs/architecture.md):
 
-- OrgUsage15m: org x 15 min x model x operation x status (org-wide widgets),
-- ScopeUsage15m: the same plus team, project, user, token, assistant, workflow
-  (scoped viewers and scope filters),
+- OrgUsage15m / OrgUsageHourly / OrgUsageDaily: org x time x model x operation x status
+  (org-wide widgets; a range reads its whole days, then hours, then quarters),
+- ScopeUsage15m / ScopeUsageDaily: the same plus team, project, user, token, assistant,
+  workflow (scoped viewers and scope filters),
 - LatencyHistogramHourly: org x hour x operation x log-latency bucket (org-wide p95),
 - LatencyHistogramScopeDaily: org x UTC day x team x project x token x operation x
   log-latency bucket (p95 for team, project and token scopes and filters).
@@ -29,7 +30,10 @@ from .models import (
     LatencyHistogramHourly,
     LatencyHistogramScopeDaily,
     OrgUsage15m,
+    OrgUsageDaily,
+    OrgUsageHourly,
     ScopeUsage15m,
+    ScopeUsageDaily,
 )
 
 # Latency histogram: bucket i holds latencies in (GAMMA^(i-1), GAMMA^i] ms, bucket 0 holds
@@ -146,12 +150,41 @@ def _add(acc: list[int], values: tuple) -> None:
             acc[i] += value
 
 
-def compute_rollups(facts: Iterable[EventFacts]) -> tuple[dict, dict, dict, dict]:
-    """Group events into the roll-ups' rows: {key tuple: measures or count}."""
+@dataclass(frozen=True)
+class Rollup:
+    """One roll-up table: its key columns and what it adds up."""
+
+    model: type
+    keys: tuple[str, ...]
+    measures: tuple[str, ...]
+    label: str
+
+
+ROLLUPS = (
+    Rollup(OrgUsage15m, ORG_KEYS, MEASURES, "org roll-up (15 min)"),
+    Rollup(OrgUsageHourly, ORG_KEYS, MEASURES, "org roll-up (hour)"),
+    Rollup(OrgUsageDaily, ORG_KEYS, MEASURES, "org roll-up (day)"),
+    Rollup(ScopeUsage15m, SCOPE_KEYS, MEASURES, "scope roll-up (15 min)"),
+    Rollup(ScopeUsageDaily, SCOPE_KEYS, MEASURES, "scope roll-up (day)"),
+    Rollup(LatencyHistogramHourly, HIST_KEYS, ("count",), "latency histogram"),
+    Rollup(LatencyHistogramScopeDaily, SCOPE_HIST_KEYS, ("count",), "scope latency histogram"),
+)
+
+
+def _fold(rows: dict, grain: int) -> dict:
+    """Rows of a finer grain summed into `grain` buckets (bucket is the key's 2nd column)."""
+    out: dict[tuple, list[int]] = defaultdict(lambda: [0] * len(MEASURES))
+    for key, values in rows.items():
+        _add(out[(key[0], key[1] - key[1] % grain, *key[2:])], values)
+    return out
+
+
+def compute_rollups(facts: Iterable[EventFacts]) -> dict[type, dict[tuple, list[int]]]:
+    """Group events into every roll-up's rows: {model: {key tuple: measures}}."""
     org_rows: dict[tuple, list[int]] = defaultdict(lambda: [0] * len(MEASURES))
     scope_rows: dict[tuple, list[int]] = defaultdict(lambda: [0] * len(MEASURES))
-    hist_rows: dict[tuple, int] = defaultdict(int)
-    scope_hist_rows: dict[tuple, int] = defaultdict(int)
+    hist_rows: dict[tuple, list[int]] = defaultdict(lambda: [0])
+    scope_hist_rows: dict[tuple, list[int]] = defaultdict(lambda: [0])
     for f in facts:
         ts = epoch(f.timestamp)
         bucket = ts - ts % BUCKET_SECONDS
@@ -173,7 +206,7 @@ def compute_rollups(facts: Iterable[EventFacts]) -> tuple[dict, dict, dict, dict
         _add(scope_rows[scope_key], values)
         hour = ts - ts % HOUR_SECONDS
         lb = latency_bucket(f.latency_ms)
-        hist_rows[(f.organization_id, hour, f.operation, lb)] += 1
+        hist_rows[(f.organization_id, hour, f.operation, lb)][0] += 1
         day = ts - ts % DAY_SECONDS
         scope_hist_key = (
             f.organization_id,
@@ -184,8 +217,16 @@ def compute_rollups(facts: Iterable[EventFacts]) -> tuple[dict, dict, dict, dict
             f.operation,
             lb,
         )
-        scope_hist_rows[scope_hist_key] += 1
-    return org_rows, scope_rows, hist_rows, scope_hist_rows
+        scope_hist_rows[scope_hist_key][0] += 1
+    return {
+        OrgUsage15m: org_rows,
+        OrgUsageHourly: _fold(org_rows, HOUR_SECONDS),
+        OrgUsageDaily: _fold(org_rows, DAY_SECONDS),
+        ScopeUsage15m: scope_rows,
+        ScopeUsageDaily: _fold(scope_rows, DAY_SECONDS),
+        LatencyHistogramHourly: hist_rows,
+        LatencyHistogramScopeDaily: scope_hist_rows,
+    }
 
 
 def _upsert(table: str, keys: tuple, measures: tuple, rows: list[tuple]) -> None:
@@ -221,32 +262,15 @@ def _upsert(table: str, keys: tuple, measures: tuple, rows: list[tuple]) -> None
             cursor.execute(sql, [v for row in chunk for v in row])
 
 
-def write_rollups(org_rows: dict, scope_rows: dict, hist_rows: dict, scope_hist_rows: dict) -> None:
+def write_rollups(rows: dict[type, dict[tuple, list[int]]]) -> None:
     """Add grouped rows to the roll-up tables, in key order (no deadlocks)."""
-    _upsert(
-        OrgUsage15m._meta.db_table,
-        ORG_KEYS,
-        MEASURES,
-        [key + tuple(values) for key, values in sorted(org_rows.items())],
-    )
-    _upsert(
-        ScopeUsage15m._meta.db_table,
-        SCOPE_KEYS,
-        MEASURES,
-        [key + tuple(values) for key, values in sorted(scope_rows.items())],
-    )
-    _upsert(
-        LatencyHistogramHourly._meta.db_table,
-        HIST_KEYS,
-        ("count",),
-        [(*key, count) for key, count in sorted(hist_rows.items())],
-    )
-    _upsert(
-        LatencyHistogramScopeDaily._meta.db_table,
-        SCOPE_HIST_KEYS,
-        ("count",),
-        [(*key, count) for key, count in sorted(scope_hist_rows.items())],
-    )
+    for rollup in ROLLUPS:
+        _upsert(
+            rollup.model._meta.db_table,
+            rollup.keys,
+            rollup.measures,
+            [key + tuple(values) for key, values in sorted(rows[rollup.model].items())],
+        )
 
 
 def rollups_add(organization_id: int, token_id: int | None, events) -> None:
@@ -276,7 +300,7 @@ def rollups_add(organization_id: int, token_id: int | None, events) -> None:
         )
         for e in events
     )
-    write_rollups(*compute_rollups(facts))
+    write_rollups(compute_rollups(facts))
 
 
 # ---------------------------------------------------------------------------------------
@@ -338,34 +362,12 @@ def reconcile_day(org_id: int, day_start: int) -> list[str]:
         timestamp__lt=datetime.fromtimestamp(day_end, UTC),
     ).values_list(*FACT_FIELDS)
     facts = (EventFacts(*row) for row in events.iterator(chunk_size=5000))
-    org_rows, scope_rows, hist_rows, scope_hist_rows = compute_rollups(facts)
-    as_list = lambda v: list(v) if v is not None else None  # noqa: E731
-    problems = _diff(
-        "org roll-up",
-        org_rows,
-        _stored(OrgUsage15m, ORG_KEYS, MEASURES, org_id, day_start, day_end),
-        as_list,
-    )
-    problems += _diff(
-        "scope roll-up",
-        scope_rows,
-        _stored(ScopeUsage15m, SCOPE_KEYS, MEASURES, org_id, day_start, day_end),
-        as_list,
-    )
-    stored_hist = {
-        k: v[0]
-        for k, v in _stored(
-            LatencyHistogramHourly, HIST_KEYS, ("count",), org_id, day_start, day_end
-        ).items()
-    }
-    problems += _diff("latency histogram", dict(hist_rows), stored_hist)
-    stored_scope_hist = {
-        k: v[0]
-        for k, v in _stored(
-            LatencyHistogramScopeDaily, SCOPE_HIST_KEYS, ("count",), org_id, day_start, day_end
-        ).items()
-    }
-    problems += _diff("scope latency histogram", dict(scope_hist_rows), stored_scope_hist)
+    expected = compute_rollups(facts)
+    problems = []
+    for rollup in ROLLUPS:
+        stored = _stored(rollup.model, rollup.keys, rollup.measures, org_id, day_start, day_end)
+        want = {key: list(values) for key, values in expected[rollup.model].items()}
+        problems += _diff(rollup.label, want, stored)
     return problems
 
 
@@ -382,8 +384,8 @@ def reconcile_days(org_id: int, since: int | None = None) -> tuple[list[int], li
     from .models import UsageEvent
 
     days: set[int] = set()
-    for model in (OrgUsage15m, ScopeUsage15m, LatencyHistogramHourly, LatencyHistogramScopeDaily):
-        qs = model.objects.filter(organization_id=org_id)
+    for rollup in ROLLUPS:
+        qs = rollup.model.objects.filter(organization_id=org_id)
         if since is not None:
             qs = qs.filter(bucket__gte=since)
         day_numbers = qs.annotate(day=F("bucket") / DAY_SECONDS).values_list("day", flat=True)

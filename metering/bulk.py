@@ -10,12 +10,12 @@ then `bulk_load` writes them chunk by chunk:
 2. `INSERT INTO metering_usageevent SELECT ... FROM staging ORDER BY (org, request_id)
    ON CONFLICT (organization_id, request_id) DO NOTHING RETURNING ...` into a second
    temporary table: the rows really inserted (a duplicate changes nothing);
-3. the roll-ups (OrgUsage15m, ScopeUsage15m, both latency histograms) and the budget spend
-   counters (BudgetSpend15m) get `INSERT ... SELECT ... GROUP BY ... ORDER BY key
+3. every roll-up (`aggregates.ROLLUPS`: usage by 15 min / hour / day, both latency
+   histograms) and the budget spend counters (BudgetSpend15m) get `INSERT ... SELECT ... GROUP BY ... ORDER BY key
    ON CONFLICT DO UPDATE SET x = x + EXCLUDED.x` from those rows only, keys in sorted
    order (concurrent loaders and live ingestion lock rows in the same order).
 
-The SQL computes the same keys as `metering.aggregates.compute_rollups` (15-minute and
+The SQL computes the same keys as `metering.aggregates.compute_rollups` (15-minute,
 hourly and daily buckets from the UTC epoch, missing ids as 0, the log-latency bucket of
 `aggregates.latency_bucket`), so `manage.py check_aggregates` stays clean.
 
@@ -58,8 +58,11 @@ from .models import (
     LatencyHistogramHourly,
     LatencyHistogramScopeDaily,
     OrgUsage15m,
+    OrgUsageDaily,
+    OrgUsageHourly,
     Pool,
     ScopeUsage15m,
+    ScopeUsageDaily,
     UsageEvent,
 )
 from .pricing import PriceBook
@@ -216,32 +219,22 @@ def _rollup_sql() -> list[str]:
             f"ON CONFLICT ({', '.join(_q(k) for k in keys)}) DO UPDATE SET {update}"
         )
 
-    org = upsert(
-        _q(OrgUsage15m._meta.db_table),
-        list(ORG_KEYS),
-        ["organization_id", bucket, "model", "operation", "status_code"],
-        MEASURES,
-        measures,
-    )
-    scope = upsert(
-        _q(ScopeUsage15m._meta.db_table),
-        list(SCOPE_KEYS),
-        [
-            "organization_id",
-            bucket,
-            "coalesce(team_id, 0)",
-            "coalesce(project_id, 0)",
-            "coalesce(user_id, 0)",
-            "coalesce(api_token_id, 0)",
-            "model",
-            "operation",
-            "status_code",
-            "assistant",
-            "workflow",
-        ],
-        MEASURES,
-        measures,
-    )
+    def key_exprs(keys, time_expr):
+        exprs = {"bucket": time_expr, "model": "model", "operation": "operation"}
+        exprs |= {"status_code": "status_code", "assistant": "assistant", "workflow": "workflow"}
+        exprs["organization_id"] = "organization_id"
+        return [exprs.get(k, f"coalesce({k}, 0)") for k in keys]
+
+    usage = [
+        upsert(_q(model._meta.db_table), list(keys), key_exprs(keys, time_expr), MEASURES, measures)
+        for model, keys, time_expr in (
+            (OrgUsage15m, ORG_KEYS, bucket),
+            (OrgUsageHourly, ORG_KEYS, hour),
+            (OrgUsageDaily, ORG_KEYS, day),
+            (ScopeUsage15m, SCOPE_KEYS, bucket),
+            (ScopeUsageDaily, SCOPE_KEYS, day),
+        )
+    ]
     hist = upsert(
         _q(LatencyHistogramHourly._meta.db_table),
         list(HIST_KEYS),
@@ -284,7 +277,7 @@ def _rollup_sql() -> list[str]:
         "ON CONFLICT (organization_id, subject, subject_id, bucket) "
         f"DO UPDATE SET cost_nanos = {spend_table}.cost_nanos + EXCLUDED.cost_nanos"
     )
-    return [org, scope, hist, scope_hist, spend]
+    return [*usage, hist, scope_hist, spend]
 
 
 def _insert_sql() -> str:

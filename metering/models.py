@@ -235,13 +235,8 @@ class RollupMeasures(models.Model):
         abstract = True
 
 
-class OrgUsage15m(RollupMeasures):  # noqa: DJ008
-    """Narrow roll-up: organization x 15 minutes x model x operation x status.
-
-    Serves org-wide widgets (no team/project/user/token filter) for any time zone,
-    including +05:30 and +05:45, because every local hour and day boundary in use falls on
-    a 15-minute mark. bucket = UTC epoch seconds of the bucket's start.
-    """
+class OrgUsageRollup(RollupMeasures):
+    """Narrow roll-up keys: organization x time bucket x model x operation x status."""
 
     pk = models.CompositePrimaryKey("organization", "bucket", "model", "operation", "status_code")
     organization = models.ForeignKey(Organization, on_delete=models.CASCADE)
@@ -251,14 +246,40 @@ class OrgUsage15m(RollupMeasures):  # noqa: DJ008
     status_code = models.PositiveSmallIntegerField()
 
     class Meta:
+        abstract = True
+
+
+class OrgUsage15m(OrgUsageRollup):  # noqa: DJ008
+    """Narrow roll-up: organization x 15 minutes x model x operation x status.
+
+    Serves org-wide widgets (no team/project/user/token filter) for any time zone,
+    including +05:30 and +05:45, because every local hour and day boundary in use falls on
+    a 15-minute mark. bucket = UTC epoch seconds of the bucket's start.
+    """
+
+    class Meta:
         db_table = "metering_org_usage_15m"
 
 
-class ScopeUsage15m(RollupMeasures):  # noqa: DJ008
-    """Wide roll-up: adds team, project, user, API token, assistant and workflow.
+class OrgUsageHourly(OrgUsageRollup):  # noqa: DJ008
+    """The narrow roll-up by UTC hour: local hours and days in whole-hour zones."""
+
+    class Meta:
+        db_table = "metering_org_usage_hourly"
+
+
+class OrgUsageDaily(OrgUsageRollup):  # noqa: DJ008
+    """The narrow roll-up by UTC day: the whole days inside any range, and UTC-day charts."""
+
+    class Meta:
+        db_table = "metering_org_usage_daily"
+
+
+class ScopeUsageRollup(RollupMeasures):
+    """Wide roll-up keys: adds team, project, user, API token, assistant and workflow.
 
     Read only when a filter or the viewer's scope needs one of those dimensions; the
-    filter then narrows it through the per-dimension indexes below. Missing ids are 0 and
+    filter then narrows it through the per-dimension indexes. Missing ids are 0 and
     missing labels '' (key columns cannot be NULL).
     """
 
@@ -288,6 +309,13 @@ class ScopeUsage15m(RollupMeasures):  # noqa: DJ008
     workflow = models.CharField(max_length=200)
 
     class Meta:
+        abstract = True
+
+
+class ScopeUsage15m(ScopeUsageRollup):  # noqa: DJ008
+    """The wide roll-up by 15 minutes (every zone's local hours and days)."""
+
+    class Meta:
         db_table = "metering_scope_usage_15m"
         indexes = [
             # One index per scope dimension: a team lead's, project admin's or member's
@@ -296,6 +324,19 @@ class ScopeUsage15m(RollupMeasures):  # noqa: DJ008
             models.Index(fields=["organization", "project_id", "bucket"], name="scope15_project"),
             models.Index(fields=["organization", "user_id", "bucket"], name="scope15_user"),
             models.Index(fields=["organization", "api_token_id", "bucket"], name="scope15_token"),
+        ]
+
+
+class ScopeUsageDaily(ScopeUsageRollup):  # noqa: DJ008
+    """The wide roll-up by UTC day (about 4x fewer rows): whole days inside a range."""
+
+    class Meta:
+        db_table = "metering_scope_usage_daily"
+        indexes = [
+            models.Index(fields=["organization", "team_id", "bucket"], name="scoped_team"),
+            models.Index(fields=["organization", "project_id", "bucket"], name="scoped_project"),
+            models.Index(fields=["organization", "user_id", "bucket"], name="scoped_user"),
+            models.Index(fields=["organization", "api_token_id", "bucket"], name="scoped_token"),
         ]
 
 

@@ -12,6 +12,8 @@ from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from analytics.queries import (
     DAY,
@@ -32,6 +34,7 @@ BERLIN = ZoneInfo("Europe/Berlin")
 KOLKATA = ZoneInfo("Asia/Kolkata")
 KATHMANDU = ZoneInfo("Asia/Kathmandu")
 NEW_YORK = ZoneInfo("America/New_York")
+UTC_ZONE = ZoneInfo("UTC")
 
 # Four days around each DST change of 2026 (Berlin: March 29 and October 25;
 # New York: March 8 and November 1).
@@ -145,12 +148,34 @@ def test_local_buckets_equal_raw_sums(personas, subtests, period):
     sel = _org_selection(personas, start, end)
     events = _raw_events(personas, start, end)
 
-    for tz in (BERLIN, NEW_YORK, KOLKATA, KATHMANDU):
+    for tz in (UTC_ZONE, BERLIN, NEW_YORK, KOLKATA, KATHMANDU):
         for width in (HOUR, DAY):
             with subtests.test(tz=str(tz), width=width):
                 answer = _answer_buckets(grouped_totals(sel, (), Bucketing(width, tz)))
 
                 assert answer == _raw_buckets(events, tz, width)
+
+
+@pytest.mark.parametrize("team_filter", [False, True])
+def test_whole_days_come_from_the_daily_roll_ups_and_add_up_to_raw(personas, team_filter):
+    _ingest_period(personas, PERIODS["autumn"])
+    start = PERIODS["autumn"] + timedelta(hours=2, minutes=7, seconds=41)
+    end = PERIODS["autumn"] + SPAN - timedelta(hours=3, minutes=2, seconds=9)
+    team = personas.platform_team
+    sel = _org_selection(personas, start, end, **({"team_ids": (team.id,)} if team_filter else {}))
+    events = _raw_events(personas, start, end, **({"team": team} if team_filter else {}))
+
+    with CaptureQueriesContext(connection) as queries:
+        answer = totals(sel)
+
+    daily = "metering_scope_usage_daily" if team_filter else "metering_org_usage_daily"
+    assert any(daily in q["sql"] for q in queries.captured_queries)
+    assert (answer.requests, answer.failed_requests, answer.input_tokens, answer.cost_nanos) == (
+        len(events),
+        sum(e.status_code >= 400 for e in events),
+        sum(e.input_tokens for e in events),
+        sum(e.cost_nanos for e in events),
+    )
 
 
 @pytest.mark.parametrize(
