@@ -229,9 +229,10 @@ def compute_rollups(facts: Iterable[EventFacts]) -> dict[type, dict[tuple, list[
     }
 
 
-def _upsert(table: str, keys: tuple, measures: tuple, rows: list[tuple]) -> None:
+def _upsert(model, keys: tuple, measures: tuple, rows: list[tuple]) -> None:
     if not rows:
         return
+    table = model._meta.db_table
     quote = connection.ops.quote_name
     greatest = "MAX" if connection.vendor == "sqlite" else "GREATEST"
     columns = keys + measures
@@ -241,23 +242,29 @@ def _upsert(table: str, keys: tuple, measures: tuple, rows: list[tuple]) -> None
         else f"{quote(m)} = {quote(table)}.{quote(m)} + EXCLUDED.{quote(m)}"
         for m in measures
     )
-    placeholders = "(" + ", ".join(["%s"] * len(columns)) + ")"
-    chunk_size = max(1, 30000 // len(columns))
     column_list = ", ".join(quote(c) for c in columns)
     conflict = f" ON CONFLICT ({', '.join(quote(k) for k in keys)}) DO UPDATE SET {updates}"
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
-            # Pipelined single-row upserts, still in key order (see write_rollups).
-            cursor.cursor.executemany(
-                f"INSERT INTO {quote(table)} ({column_list}) VALUES {placeholders}{conflict}", rows
+            # One statement per table: a column array each, unnested in key order (see
+            # write_rollups). Short to plan, one round trip, whatever the row count.
+            types = [model._meta.get_field(c).db_type(connection) for c in columns]
+            arrays = ", ".join(f"%s::{t}[]" for t in types)
+            cursor.execute(
+                f"INSERT INTO {quote(table)} ({column_list}) "
+                f"SELECT {column_list} FROM unnest({arrays}) WITH ORDINALITY "
+                f"AS r({column_list}, _n) ORDER BY _n{conflict}",
+                [list(column) for column in zip(*rows, strict=True)],
             )
             return
+        placeholders = "(" + ", ".join(["%s"] * len(columns)) + ")"
+        chunk_size = max(1, 30000 // len(columns))
         for start in range(0, len(rows), chunk_size):
             chunk = rows[start : start + chunk_size]
             sql = (
-                f"INSERT INTO {quote(table)} ({', '.join(quote(c) for c in columns)}) VALUES "
+                f"INSERT INTO {quote(table)} ({column_list}) VALUES "
                 + ", ".join([placeholders] * len(chunk))
-                + f" ON CONFLICT ({', '.join(quote(k) for k in keys)}) DO UPDATE SET {updates}"
+                + conflict
             )
             cursor.execute(sql, [v for row in chunk for v in row])
 
@@ -266,7 +273,7 @@ def write_rollups(rows: dict[type, dict[tuple, list[int]]]) -> None:
     """Add grouped rows to the roll-up tables, in key order (no deadlocks)."""
     for rollup in ROLLUPS:
         _upsert(
-            rollup.model._meta.db_table,
+            rollup.model,
             rollup.keys,
             rollup.measures,
             [key + tuple(values) for key, values in sorted(rows[rollup.model].items())],

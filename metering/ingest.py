@@ -534,18 +534,18 @@ def _insert_new(rows: list[tuple]) -> set[str]:
     inserted: set[str] = set()
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
-            # One short statement, pipelined by psycopg: parsing a 16,000-placeholder
-            # statement per chunk costs more than the inserts themselves.
-            raw = cursor.cursor
-            raw.executemany(
-                f"INSERT INTO {quote(table)} ({columns}) VALUES {placeholders}{conflict}",
-                rows,
-                returning=True,
+            # One statement for the whole batch: a column array each, unnested in
+            # request_id order. It plans once and makes one round trip, where pipelined
+            # single-row statements (or a 16,000-placeholder VALUES list) cost more than
+            # the inserts themselves.
+            fields = [UsageEvent._meta.get_field(c) for c in EVENT_COLUMNS]
+            arrays = ", ".join(f"%s::{f.db_type(connection)}[]" for f in fields)
+            cursor.execute(
+                f"INSERT INTO {quote(table)} ({columns}) SELECT {columns} FROM unnest({arrays}) "
+                f"WITH ORDINALITY AS r({columns}, _n) ORDER BY _n{conflict}",
+                [list(column) for column in zip(*rows, strict=True)],
             )
-            while True:
-                inserted.update(r[0] for r in raw.fetchall())
-                if not raw.nextset():
-                    break
+            inserted.update(r[0] for r in cursor.fetchall())
             return inserted
         for start in range(0, len(rows), _INSERT_CHUNK):
             chunk = rows[start : start + _INSERT_CHUNK]
