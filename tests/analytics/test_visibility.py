@@ -11,6 +11,7 @@ from analytics.visibility import (
     scope_q,
     viewer_scope,
     visible_events,
+    visible_events_in,
     visible_organizations,
     visible_projects,
     visible_scope_rollup,
@@ -89,6 +90,22 @@ def test_each_persona_sees_exactly_its_scope(world, persona):
     expected = {rid for rid, viewers in EXPECTED.items() if persona in viewers}
 
     seen = set(visible_events(user).values_list("request_id", flat=True))
+
+    assert seen == expected
+
+
+@pytest.mark.parametrize(
+    "persona", ["platform_admin", "org_admin", "team_lead", "project_admin", "member", "outsider"]
+)
+@pytest.mark.parametrize("org", ["org", "other_org"])
+def test_events_within_an_organization_are_the_gate_s_events_there(world, persona, org):
+    user = world.users[persona]
+    organization = getattr(world, org)
+    expected = set(
+        visible_events(user).filter(organization=organization).values_list("id", flat=True)
+    )
+
+    seen = set(visible_events_in(_fresh(user), [organization.id]).values_list("id", flat=True))
 
     assert seen == expected
 
