@@ -46,6 +46,7 @@ from metering.aggregates import MEASURES, latency_bucket, latency_bucket_value
 from metering.models import (
     BUCKET_SECONDS,
     CostSource,
+    LatencyHistogramDaily,
     LatencyHistogramHourly,
     LatencyHistogramScopeDaily,
     OrgUsage15m,
@@ -611,92 +612,75 @@ class PercentileDisc(Aggregate):
         super().__init__(expression, fraction=float(fraction), **extra)
 
 
+# Latency histograms, coarsest first: org-wide ones by day and hour; the scoped one (every
+# column of the visibility predicate) by day.
+HIST_NARROW_TIERS = ((DAY, LatencyHistogramDaily), (HOUR, LatencyHistogramHourly))
+HIST_WIDE_TIERS = ((DAY, LatencyHistogramScopeDaily),)
+
+
 @dataclass(frozen=True)
 class _HistogramPlan:
-    """How a latency question splits between a histogram and raw events.
+    """How a latency question splits between histograms and raw events: `reads` are
+    histogram rows, each with the [a, b) range it covers; raw events answer `raw_ranges`,
+    the edges no histogram bucket fits in."""
 
-    `rows` are the histogram rows of the selection inside [core_start, core_end) (whole
-    `grain` buckets); raw events answer the edges outside the core, and, inside it, the
-    events the histogram does not hold (`remainder`: a viewer's own events outside the
-    teams, projects and tokens of their scope).
-    """
+    reads: tuple[tuple[QuerySet, int, int], ...]
+    raw_ranges: tuple[tuple[int, int], ...]
 
-    rows: QuerySet
-    grain: int
-    core_start: int
-    core_end: int
-    remainder: Q | None
-
-    def raw_parts(self, sel: Selection) -> list[Q]:
-        """What raw events add, one predicate (one indexed query) each."""
-        start, end = _epoch(sel.start), _epoch(sel.end)
-        parts = _range_qs(((start, self.core_start), (self.core_end, end)))
-        if self.remainder is not None:
-            parts += [q & self.remainder for q in _range_qs(((self.core_start, self.core_end),))]
-        return parts
+    def raw_querysets(self, sel: Selection) -> list[QuerySet]:
+        """The raw events of the edges, one indexed query each."""
+        return [
+            UsageEvent.objects.filter(_event_filters(sel)).filter(q)
+            for q in _range_qs(self.raw_ranges)
+        ]
 
 
-def _scope_part(scope: Scope) -> Q | None:
-    """The part of a partial scope the scoped histogram holds (orgs, teams, projects,
-    owned tokens); None when the scope has none of these."""
-    q = None
-    for column, values in (
-        ("organization_id", scope.org_ids),
-        ("team_id", scope.team_ids),
-        ("project_id", scope.project_ids),
-        ("api_token_id", scope.token_ids),
-    ):
-        if values:
-            part = Q(**{f"{column}__in": values})
-            q = part if q is None else q | part
-    return q
-
-
-def _histogram_plan(sel: Selection) -> _HistogramPlan | None:
-    """The histogram that answers `sel`'s p95 within ~2 %, or None (raw events only:
-    short ranges, and filters the histograms lack: user, model, status, session)."""
-    if (
-        sel.needs_raw
-        or sel.user_ids
-        or sel.models
-        or sel.status != "all"
-        or sel.end - sel.start <= RAW_RANGE_LIMIT
-    ):
-        return None
-    scope = _reading_scope(sel)
-    remainder = None
-    scoped_filter = sel.team_ids or sel.project_ids or sel.token_ids
-    if not scoped_filter and scope.covers_whole_orgs(sel.org_ids):
-        grain = HOUR
-        rows = LatencyHistogramHourly.objects.all()
-        if not scope.everything or sel.org_ids:
+def _histogram_rows(sel: Selection, narrow: bool, narrow_model, wide_model) -> QuerySet:
+    """A histogram's rows of the selection: the org-wide one only where the scope covers
+    the whole selected organizations, else the scoped one behind the gate's predicate."""
+    if narrow:
+        rows = narrow_model.objects.all()
+        if not sel.scope.everything or sel.org_ids:
             rows = rows.filter(organization_id__in=sel.org_ids)
     else:
-        grain = DAY
-        rows = LatencyHistogramScopeDaily.objects.all()
-        if not scope.everything:
-            part = _scope_part(scope)
-            if part is None:
-                return None  # only own events: raw reads by the user index
-            rows = rows.filter(part)
-            if scope.user_id:
-                remainder = ~part
+        rows = wide_model.objects.filter(rollup_scope_q(_reading_scope(sel)))
         for column, values in (
             ("organization_id", sel.org_ids),
             ("team_id", sel.team_ids),
             ("project_id", sel.project_ids),
+            ("user_id", sel.user_ids),
             ("api_token_id", sel.token_ids),
         ):
             if values:
                 rows = rows.filter(**{f"{column}__in": values})
     if sel.operations:
         rows = rows.filter(operation__in=sel.operations)
-    start, end = _epoch(sel.start), _epoch(sel.end)
-    core_start, core_end = _ceil(start, grain), end - end % grain
-    if core_start >= core_end:
+    return rows
+
+
+def _histogram_plan(sel: Selection, bucketing: Bucketing | None = None) -> _HistogramPlan | None:
+    """The histograms that answer `sel`'s p95 within ~2 % (per chart bucket of
+    `bucketing`, whose buckets they must not straddle), or None: raw events only, for
+    short ranges and for the filters the histograms lack (model, status, session)."""
+    if sel.needs_raw or sel.models or sel.status != "all" or sel.end - sel.start <= RAW_RANGE_LIMIT:
         return None
-    rows = rows.filter(bucket__gte=core_start, bucket__lt=core_end)
-    return _HistogramPlan(rows, grain, core_start, core_end, remainder)
+    narrow = not sel.needs_scope_dims and sel.scope.covers_whole_orgs(sel.org_ids)
+    tiers = dict(HIST_NARROW_TIERS if narrow else HIST_WIDE_TIERS)
+    start, end = _epoch(sel.start), _epoch(sel.end)
+    grains, raw_ranges = _plan_tiers(tuple(tiers), start, end, bucketing)
+    if not grains:
+        return None
+    reads = tuple(
+        (
+            _histogram_rows(sel, narrow, tiers[grain], tiers[grain]).filter(
+                bucket__gte=a, bucket__lt=b
+            ),
+            a,
+            b,
+        )
+        for grain, a, b in grains
+    )
+    return _HistogramPlan(reads, tuple(raw_ranges))
 
 
 def _raw_percentile(qs: QuerySet, q: float) -> float | None:
@@ -719,10 +703,11 @@ def latency_percentile(sel: Selection, q: float = 0.95) -> float | None:
     if plan is None:
         return _raw_percentile(raw_qs.filter(timestamp__gte=sel.start, timestamp__lt=sel.end), q)
     counts: dict[int, int] = defaultdict(int)
-    for row in plan.rows.values("latency_bucket").annotate(n=Sum("count")).order_by():
-        counts[row["latency_bucket"]] += row["n"]
-    for part in plan.raw_parts(sel):
-        for latency in raw_qs.filter(part).values_list("latency_ms", flat=True):
+    for rows, _a, _b in plan.reads:
+        for row in rows.values("latency_bucket").annotate(n=Sum("count")).order_by():
+            counts[row["latency_bucket"]] += row["n"]
+    for part in plan.raw_querysets(sel):
+        for latency in part.values_list("latency_ms", flat=True):
             counts[latency_bucket(latency)] += 1
     return _percentile_from_histogram(counts, q)
 
@@ -762,14 +747,6 @@ def latency_percentiles(
     return out
 
 
-def _series_plan(sel: Selection, bucketing: Bucketing) -> _HistogramPlan | None:
-    """A histogram plan whose buckets never straddle a bucket of `bucketing`."""
-    plan = _histogram_plan(sel)
-    if plan is None or not bucketing.aligned(plan.grain, plan.core_start, plan.core_end):
-        return None
-    return plan
-
-
 def _quantile_sorted(values: list[int], q: float) -> float | None:
     if not values:
         return None
@@ -790,23 +767,22 @@ def latency_series(
         key[0]: totals.latency_ms_avg
         for key, totals in grouped_totals(sel, (), bucketing).rows.items()
     }
-    plan = _series_plan(sel, bucketing)
+    plan = _histogram_plan(sel, bucketing)
     per_bucket: dict[int, dict[int, int]] = defaultdict(lambda: defaultdict(int))
     raw_qs = UsageEvent.objects.filter(_event_filters(sel))
     if plan is not None:
-        # Local buckets computed in SQL: a few thousand rows instead of one per hour.
-        rows = plan.rows.annotate(
-            _tkey=bucketing.expression("bucket", plan.core_start, plan.core_end)
-        )
-        for row in rows.values("_tkey", "latency_bucket").annotate(n=Sum("count")).order_by():
-            key = bucketing.key_from_sql(row["_tkey"])
-            per_bucket[key][row["latency_bucket"]] += row["n"]
-        raw_parts = plan.raw_parts(sel)
+        for rows, a, b in plan.reads:
+            # Local buckets computed in SQL: a few thousand rows instead of one per hour.
+            rows = rows.annotate(_tkey=bucketing.expression("bucket", a, b))
+            for row in rows.values("_tkey", "latency_bucket").annotate(n=Sum("count")).order_by():
+                key = bucketing.key_from_sql(row["_tkey"])
+                per_bucket[key][row["latency_bucket"]] += row["n"]
+        raw_parts = plan.raw_querysets(sel)
     else:
-        raw_parts = [Q(timestamp__gte=sel.start, timestamp__lt=sel.end)]
+        raw_parts = [raw_qs.filter(timestamp__gte=sel.start, timestamp__lt=sel.end)]
     raw_values: dict[int, list[int]] = defaultdict(list)
     for part in raw_parts:
-        rows = raw_qs.filter(part).values_list("timestamp", "latency_ms")
+        rows = part.values_list("timestamp", "latency_ms")
         for ts, latency in rows.iterator(chunk_size=5000):
             key = bucketing.key_of(_epoch(ts))
             if plan is not None:
@@ -836,7 +812,7 @@ def latency_series_groups(
     if not wanted:
         return {}
     probe = replace(sel, operations=next(iter(wanted.values())))
-    if connection.vendor != "postgresql" or _series_plan(probe, bucketing) is not None:
+    if connection.vendor != "postgresql" or _histogram_plan(probe, bucketing) is not None:
         return {
             name: latency_series(replace(sel, operations=ops), bucketing, q)
             for name, ops in wanted.items()

@@ -7,9 +7,10 @@ docs/architecture.md):
   (org-wide widgets; a range reads its whole days, then hours, then quarters),
 - ScopeUsage15m / ScopeUsageDaily: the same plus team, project, user, token, assistant,
   workflow (scoped viewers and scope filters),
-- LatencyHistogramHourly: org x hour x operation x log-latency bucket (org-wide p95),
-- LatencyHistogramScopeDaily: org x UTC day x team x project x token x operation x
-  log-latency bucket (p95 for team, project and token scopes and filters).
+- LatencyHistogramHourly / LatencyHistogramDaily: org x hour or day x operation x
+  log-latency bucket (org-wide p95),
+- LatencyHistogramScopeDaily: org x UTC day x team x project x token x user x operation
+  x log-latency bucket (p95 for partial scopes and scope filters).
 
 Increments are upserts `ON CONFLICT ... DO UPDATE SET x = x + EXCLUDED.x`, sent in
 key order so that concurrent writers lock rows in the same order.
@@ -27,6 +28,7 @@ from .models import (
     DAY_SECONDS,
     HOUR_SECONDS,
     CostSource,
+    LatencyHistogramDaily,
     LatencyHistogramHourly,
     LatencyHistogramScopeDaily,
     OrgUsage15m,
@@ -78,6 +80,7 @@ SCOPE_HIST_KEYS = (
     "team_id",
     "project_id",
     "api_token_id",
+    "user_id",
     "operation",
     "latency_bucket",
 )
@@ -166,16 +169,21 @@ ROLLUPS = (
     Rollup(OrgUsageDaily, ORG_KEYS, MEASURES, "org roll-up (day)"),
     Rollup(ScopeUsage15m, SCOPE_KEYS, MEASURES, "scope roll-up (15 min)"),
     Rollup(ScopeUsageDaily, SCOPE_KEYS, MEASURES, "scope roll-up (day)"),
-    Rollup(LatencyHistogramHourly, HIST_KEYS, ("count",), "latency histogram"),
+    Rollup(LatencyHistogramHourly, HIST_KEYS, ("count",), "latency histogram (hour)"),
+    Rollup(LatencyHistogramDaily, HIST_KEYS, ("count",), "latency histogram (day)"),
     Rollup(LatencyHistogramScopeDaily, SCOPE_HIST_KEYS, ("count",), "scope latency histogram"),
 )
 
 
 def _fold(rows: dict, grain: int) -> dict:
     """Rows of a finer grain summed into `grain` buckets (bucket is the key's 2nd column)."""
-    out: dict[tuple, list[int]] = defaultdict(lambda: [0] * len(MEASURES))
+    out: dict[tuple, list[int]] = {}
     for key, values in rows.items():
-        _add(out[(key[0], key[1] - key[1] % grain, *key[2:])], values)
+        folded = (key[0], key[1] - key[1] % grain, *key[2:])
+        if folded in out:
+            _add(out[folded], values)
+        else:
+            out[folded] = list(values)
     return out
 
 
@@ -214,6 +222,7 @@ def compute_rollups(facts: Iterable[EventFacts]) -> dict[type, dict[tuple, list[
             f.team_id or 0,
             f.project_id or 0,
             f.api_token_id or 0,
+            f.user_id or 0,
             f.operation,
             lb,
         )
@@ -225,6 +234,7 @@ def compute_rollups(facts: Iterable[EventFacts]) -> dict[type, dict[tuple, list[
         ScopeUsage15m: scope_rows,
         ScopeUsageDaily: _fold(scope_rows, DAY_SECONDS),
         LatencyHistogramHourly: hist_rows,
+        LatencyHistogramDaily: _fold(hist_rows, DAY_SECONDS),
         LatencyHistogramScopeDaily: scope_hist_rows,
     }
 

@@ -55,6 +55,7 @@ from .models import (
     HOUR_SECONDS,
     BudgetSpend15m,
     CostSource,
+    LatencyHistogramDaily,
     LatencyHistogramHourly,
     LatencyHistogramScopeDaily,
     OrgUsage15m,
@@ -235,13 +236,21 @@ def _rollup_sql() -> list[str]:
             (ScopeUsageDaily, SCOPE_KEYS, day),
         )
     ]
-    hist = upsert(
-        _q(LatencyHistogramHourly._meta.db_table),
-        list(HIST_KEYS),
-        ["organization_id", hour, "operation", LATENCY_BUCKET_SQL.format(col="latency_ms")],
-        ("count",),
-        "count(*)",
-    )
+    hists = [
+        upsert(
+            _q(model._meta.db_table),
+            list(HIST_KEYS),
+            [
+                "organization_id",
+                time_expr,
+                "operation",
+                LATENCY_BUCKET_SQL.format(col="latency_ms"),
+            ],
+            ("count",),
+            "count(*)",
+        )
+        for model, time_expr in ((LatencyHistogramHourly, hour), (LatencyHistogramDaily, day))
+    ]
     scope_hist = upsert(
         _q(LatencyHistogramScopeDaily._meta.db_table),
         list(SCOPE_HIST_KEYS),
@@ -251,6 +260,7 @@ def _rollup_sql() -> list[str]:
             "coalesce(team_id, 0)",
             "coalesce(project_id, 0)",
             "coalesce(api_token_id, 0)",
+            "coalesce(user_id, 0)",
             "operation",
             LATENCY_BUCKET_SQL.format(col="latency_ms"),
         ],
@@ -277,7 +287,7 @@ def _rollup_sql() -> list[str]:
         "ON CONFLICT (organization_id, subject, subject_id, bucket) "
         f"DO UPDATE SET cost_nanos = {spend_table}.cost_nanos + EXCLUDED.cost_nanos"
     )
-    return [*usage, hist, scope_hist, spend]
+    return [*usage, *hists, scope_hist, spend]
 
 
 def _insert_sql() -> str:

@@ -358,13 +358,29 @@ class LatencyHistogramHourly(models.Model):  # noqa: DJ008
         db_table = "metering_latency_hist_hourly"
 
 
-class LatencyHistogramScopeDaily(models.Model):  # noqa: DJ008
-    """The latency histogram per organization, UTC day, team, project, token, operation.
+class LatencyHistogramDaily(models.Model):  # noqa: DJ008
+    """The org-wide latency histogram by UTC day: the whole days of a range (about 25x
+    fewer rows than by hour), and UTC-day charts."""
 
-    It serves p95 for team leads, project admins (and the tokens they own) and for team,
-    project and token filters, whose exact answer would otherwise sort every event of the
-    scope: a day of one team, project and token folds hundreds of events into one row per
-    latency bucket. Missing ids are 0.
+    pk = models.CompositePrimaryKey("organization", "bucket", "operation", "latency_bucket")
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE)
+    bucket = models.BigIntegerField()
+    operation = models.CharField(max_length=20)
+    latency_bucket = models.SmallIntegerField()
+    count = models.BigIntegerField(default=0)
+
+    class Meta:
+        db_table = "metering_latency_hist_daily"
+
+
+class LatencyHistogramScopeDaily(models.Model):  # noqa: DJ008
+    """The latency histogram per organization, UTC day, team, project, token, user and
+    operation: every column of the visibility predicate, so any scope reads its own rows.
+
+    It serves p95 for team leads, project admins and members and for team, project, user
+    and token filters, whose exact answer would otherwise sort every event of the scope.
+    Users mostly work within one team and project, so the user column adds few rows
+    (292k instead of 258k for 1M demo events). Missing ids are 0.
     """
 
     pk = models.CompositePrimaryKey(
@@ -373,6 +389,7 @@ class LatencyHistogramScopeDaily(models.Model):  # noqa: DJ008
         "team_id",
         "project_id",
         "api_token_id",
+        "user_id",
         "operation",
         "latency_bucket",
     )
@@ -381,6 +398,7 @@ class LatencyHistogramScopeDaily(models.Model):  # noqa: DJ008
     team_id = models.BigIntegerField()
     project_id = models.BigIntegerField()
     api_token_id = models.BigIntegerField()
+    user_id = models.BigIntegerField()
     operation = models.CharField(max_length=20)
     latency_bucket = models.SmallIntegerField()
     count = models.BigIntegerField(default=0)
@@ -391,6 +409,7 @@ class LatencyHistogramScopeDaily(models.Model):  # noqa: DJ008
             models.Index(fields=["organization", "team_id", "bucket"], name="lathist_team"),
             models.Index(fields=["organization", "project_id", "bucket"], name="lathist_project"),
             models.Index(fields=["organization", "api_token_id", "bucket"], name="lathist_token"),
+            models.Index(fields=["organization", "user_id", "bucket"], name="lathist_user"),
         ]
 
 

@@ -19,11 +19,12 @@ def _flush(Hist, org_id, counts):
                 team_id=t,
                 project_id=p,
                 api_token_id=k,
+                user_id=u,
                 operation=o,
                 latency_bucket=lb,
                 count=n,
             )
-            for (b, t, p, k, o, lb), n in counts.items()
+            for (b, t, p, k, u, o, lb), n in counts.items()
         ],
         batch_size=2000,
     )
@@ -39,18 +40,33 @@ def backfill(apps, schema_editor):
             Event.objects.filter(organization_id=org_id)
             .order_by("timestamp")
             .values_list(
-                "timestamp", "team_id", "project_id", "api_token_id", "operation", "latency_ms"
+                "timestamp",
+                "team_id",
+                "project_id",
+                "api_token_id",
+                "user_id",
+                "operation",
+                "latency_ms",
             )
         )
         counts, day = defaultdict(int), None
-        for ts, team_id, project_id, token_id, operation, latency in rows.iterator(chunk_size=5000):
+        for row in rows.iterator(chunk_size=5000):
+            ts, team_id, project_id, token_id, user_id, operation, latency = row
             epoch = int(ts.timestamp())
             this_day = epoch - epoch % DAY
             if day is not None and this_day != day:
                 _flush(Hist, org_id, counts)
             day = this_day
             lb = 0 if latency <= 1 else math.ceil(math.log(latency) / LOG_GAMMA - 1e-9)
-            key = (this_day, team_id or 0, project_id or 0, token_id or 0, operation, lb)
+            key = (
+                this_day,
+                team_id or 0,
+                project_id or 0,
+                token_id or 0,
+                user_id or 0,
+                operation,
+                lb,
+            )
             counts[key] += 1
         _flush(Hist, org_id, counts)
 
@@ -73,6 +89,7 @@ class Migration(migrations.Migration):
                         "team_id",
                         "project_id",
                         "api_token_id",
+                        "user_id",
                         "operation",
                         "latency_bucket",
                         blank=True,
@@ -85,6 +102,7 @@ class Migration(migrations.Migration):
                 ("team_id", models.BigIntegerField()),
                 ("project_id", models.BigIntegerField()),
                 ("api_token_id", models.BigIntegerField()),
+                ("user_id", models.BigIntegerField()),
                 ("operation", models.CharField(max_length=20)),
                 ("latency_bucket", models.SmallIntegerField()),
                 ("count", models.BigIntegerField(default=0)),
@@ -105,6 +123,7 @@ class Migration(migrations.Migration):
                     models.Index(
                         fields=["organization", "api_token_id", "bucket"], name="lathist_token"
                     ),
+                    models.Index(fields=["organization", "user_id", "bucket"], name="lathist_user"),
                 ],
             },
         ),

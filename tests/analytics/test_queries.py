@@ -399,8 +399,8 @@ def test_team_filtered_p95_from_the_daily_histogram_is_within_5_percent(autumn, 
 
 def test_project_admin_p95_counts_own_events_outside_the_project(personas, monkeypatch):
     # 95 fast calls in the project, 8 slow ones of the admin's own elsewhere: the p95 is
-    # one of the slow ones, so it is right only if the own events outside the project
-    # (which the team/project histogram does not hold) are counted too.
+    # one of the slow ones, so it is right only if the own events outside the project are
+    # counted too (the scoped histogram keys the user as well).
     start = datetime(2026, 9, 7, 0, 0, tzinfo=UTC)
     events = [
         event_payload(timestamp=start + timedelta(hours=i), latency_ms=100 + i, project="chatbot")
@@ -433,13 +433,26 @@ def test_project_admin_p95_counts_own_events_outside_the_project(personas, monke
     assert abs(estimate - exact) <= 0.05 * exact
 
 
-def test_user_filtered_p95_is_exact(autumn):
-    # The histograms have no user dimension: a user filter reads raw events, exactly.
+def test_user_filtered_p95_from_the_scoped_histogram_is_within_5_percent(autumn, monkeypatch):
     start = PERIODS["autumn"] + timedelta(hours=3)
     end = start + timedelta(days=2)
     member = autumn.member
     sel = _org_selection(autumn, start, end, user_ids=(member.id,))
     values = [e.latency_ms for e in _raw_events(autumn, start, end, user=member)]
+    monkeypatch.setattr("analytics.queries._raw_percentile", _no_raw_percentile)
+
+    estimate = latency_percentile(sel, 0.95)
+
+    assert values
+    assert abs(estimate - _exact_p95(values)) <= 0.05 * _exact_p95(values)
+
+
+def test_model_filtered_p95_is_exact(autumn):
+    # The histograms have no model dimension: a model filter sorts raw events, exactly.
+    start = PERIODS["autumn"] + timedelta(hours=3)
+    end = start + timedelta(days=2)
+    sel = _org_selection(autumn, start, end, models=("gpt-4o",))
+    values = [e.latency_ms for e in _raw_events(autumn, start, end, model="gpt-4o")]
 
     assert values
     assert latency_percentile(sel, 0.95) == _exact_p95(values)
