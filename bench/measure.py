@@ -632,6 +632,11 @@ def measure_all(report, url, log=print):
     with connection.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM metering_usageevent")
         report["rows_in_db"] = cursor.fetchone()[0]
+        # The days the data spans (a --skip-load run does not know them otherwise).
+        cursor.execute("SELECT min(bucket), max(bucket) FROM metering_org_usage_daily")
+        first, last = cursor.fetchone()
+        if first is not None:
+            report["days_spanned"] = (last - first) // 86400 + 1
         sizes = {}
         from metering.aggregates import ROLLUPS
 

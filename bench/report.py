@@ -143,7 +143,8 @@ def speedup_rows(report: dict) -> list[dict]:
 
 def markdown(report: dict) -> str:
     lines = [
-        f"# Benchmark: {report.get('rows_in_db', report['events']):,} events over {report['days']} days",
+        f"# Benchmark: {report.get('rows_in_db', report['events']):,} events over "
+        f"{report.get('days_spanned', report['days'])} days",
         "",
         f"Run {report['started']}, database {report['database']}.",
         "",
@@ -270,7 +271,7 @@ def markdown(report: dict) -> str:
 def write_report(report: dict, folder: Path) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = folder / f"bench-{report['events']}-{stamp}"
+    base = folder / f"bench-{report.get('rows_in_db', report['events'])}-{stamp}"
     report["targets"] = [
         {"target": a, "measured": b, "result": c.strip("*")} for a, b, c in evaluate(report)
     ]
