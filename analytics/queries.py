@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 from zoneinfo import ZoneInfo
 
 from django.db import connection
@@ -32,7 +33,6 @@ from django.db.models import (
     ExpressionWrapper,
     F,
     FloatField,
-    Max,
     Q,
     QuerySet,
     Sum,
@@ -123,15 +123,13 @@ class Totals:
     quantity: int = 0
     cost_nanos: int = 0
     latency_ms_sum: int = 0
-    latency_ms_max: int = 0
     unpriced_requests: int = 0
 
-    def add(self, other: "Totals") -> None:
+    # Every measure is a sum, so totals add and subtract exactly (a roll-up row that
+    # straddles two chart buckets is counted in one and its other piece moved).
+    def add(self, other: "Totals", sign: int = 1) -> None:
         for name in self.__dataclass_fields__:
-            if name == "latency_ms_max":
-                self.latency_ms_max = max(self.latency_ms_max, other.latency_ms_max)
-            else:
-                setattr(self, name, getattr(self, name) + getattr(other, name))
+            setattr(self, name, getattr(self, name) + sign * getattr(other, name))
 
     @property
     def total_tokens(self) -> int:
@@ -153,11 +151,18 @@ class Grouped:
     dims: tuple[str, ...]
     rows: dict[tuple, Totals] = field(default_factory=dict)
 
-    def add(self, key: tuple, totals: Totals) -> None:
+    def add(self, key: tuple, totals: Totals, sign: int = 1) -> None:
         if key in self.rows:
-            self.rows[key].add(totals)
-        else:
+            self.rows[key].add(totals, sign)
+        elif sign == 1:
             self.rows[key] = totals
+        else:
+            self.rows[key] = Totals()
+            self.rows[key].add(totals, sign)
+
+    def prune(self) -> None:
+        """Drop groups left empty by moving pieces out of them."""
+        self.rows = {key: t for key, t in self.rows.items() if t.requests}
 
     def total(self) -> Totals:
         out = Totals()
@@ -349,8 +354,7 @@ def _dimension_filters(sel: Selection) -> Q:
 def _rollup_aggregates() -> dict:
     # Annotation names get a prefix: an aggregate named like a column ("requests") would
     # shadow that column in the failed_requests expression below.
-    aggs = {f"t_{m}": Sum(m) for m in MEASURES if m != "latency_ms_max"}
-    aggs["t_latency_ms_max"] = Max("latency_ms_max")
+    aggs = {f"t_{m}": Sum(m) for m in MEASURES if m in Totals.__dataclass_fields__}
     aggs["t_failed_requests"] = Sum(
         Case(When(status_code__gte=400, then=F("requests")), default=Value(0)),
         output_field=BigIntegerField(),
@@ -370,7 +374,6 @@ def _raw_aggregates() -> dict:
         "t_quantity": Sum("quantity"),
         "t_cost_nanos": Sum("cost_nanos"),
         "t_latency_ms_sum": Sum("latency_ms"),
-        "t_latency_ms_max": Max("latency_ms"),
         "t_unpriced_requests": Count("id", filter=Q(cost_source=CostSource.UNPRICED)),
     }
 
@@ -522,21 +525,49 @@ def _grouped_totals(sel: Selection, dims: tuple[str, ...], bucketing: Bucketing 
     )
     narrow = _narrow_ok(sel, dims)
     tiers = dict(NARROW_TIERS if narrow else WIDE_TIERS)
-    reads, raw_ranges = (
-        ([], [(start, end)]) if raw_only else _plan_tiers(tuple(tiers), start, end, bucketing)
-    )
+    if raw_only:
+        reads, raw_ranges = [], [(start, end)]
+    else:
+        reads, raw_ranges = _plan_tiers(tuple(tiers), start, end, None)
     out = _raw_grouped_ranges(sel, raw_ranges, dims, bucketing)
+    values = list(dims)
+
+    def rows(grain: int) -> QuerySet:
+        return _rollup_rows(sel, narrow, tiers[grain], tiers[grain])
+
+    def add_rows(qs: QuerySet, extra: str | None, key_of, sign: int = 1) -> None:
+        fields = [*values, extra] if extra else values
+        for row in _grouped_rows(qs, fields, _rollup_aggregates()):
+            group = tuple(_rollup_value(d, row[d]) for d in dims)
+            out.add((key_of(row), *group), _to_totals(row), sign)
+
     for grain, a, b in reads:
-        qs = _rollup_rows(sel, narrow, tiers[grain], tiers[grain]).filter(
-            bucket__gte=a, bucket__lt=b
-        )
-        values = list(dims)
-        if bucketing is not None:
+        qs = rows(grain).filter(bucket__gte=a, bucket__lt=b)
+        if bucketing is None:
+            add_rows(qs, None, lambda row: None)
+            continue
+        split = None if bucketing.aligned(grain, a, b) else _split_rows(bucketing, a, b, grain)
+        if split is None:
+            if not bucketing.aligned(grain, a, b):
+                # Read the range from the 15-minute rows, which every zone's buckets fit.
+                qs = rows(BUCKET_SECONDS).filter(bucket__gte=a, bucket__lt=b)
             qs = qs.annotate(_tkey=bucketing.expression("bucket", a, b))
-            values.append("_tkey")
-        for row in _grouped_rows(qs, values, _rollup_aggregates()):
-            key_time = bucketing.key_from_sql(row["_tkey"]) if bucketing else None
-            out.add((key_time, *(_rollup_value(d, row[d]) for d in dims)), _to_totals(row))
+            add_rows(qs, "_tkey", lambda row: bucketing.key_from_sql(row["_tkey"]))
+            continue
+        # Each row to the chart bucket holding most of it; its other pieces, read from the
+        # 15-minute rows in one query, are moved from there to their own buckets.
+        home, moved = split
+        add_rows(qs, "bucket", lambda row, home=home: home[row["bucket"]])
+        quarters = {
+            quarter: home_key
+            for home_key, pa, pb in moved
+            for quarter in range(pa, pb, BUCKET_SECONDS)
+        }
+        if quarters:
+            pieces = rows(BUCKET_SECONDS).filter(bucket__in=sorted(quarters))
+            add_rows(pieces, "bucket", lambda row, q=quarters: q[row["bucket"]], sign=-1)
+            add_rows(pieces, "bucket", lambda row: bucketing.key_of(row["bucket"]))
+    out.prune()
     return out
 
 
@@ -624,7 +655,7 @@ class _HistogramPlan:
     histogram rows, each with the [a, b) range it covers; raw events answer `raw_ranges`,
     the edges no histogram bucket fits in."""
 
-    reads: tuple[tuple[QuerySet, int, int], ...]
+    reads: tuple[tuple[QuerySet, int, int, int], ...]  # rows, a, b, grain
     raw_ranges: tuple[tuple[int, int], ...]
 
     def raw_querysets(self, sel: Selection) -> list[QuerySet]:
@@ -677,10 +708,61 @@ def _histogram_plan(sel: Selection, bucketing: Bucketing | None = None) -> _Hist
             ),
             a,
             b,
+            grain,
         )
         for grain, a, b in grains
     )
     return _HistogramPlan(reads, tuple(raw_ranges))
+
+
+# A chart whose buckets roll-up rows straddle (local days in a zone that is not UTC, over
+# daily rows) still reads the rows: each row goes to the chart bucket that holds most of
+# it, and its other pieces (an hour a day in Berlin) are read from finer data and moved.
+# Sums and histogram counts are exact, so the answer is what aligned rows would give.
+# Beyond this many pieces, or a quarter of the time, the finer data alone is cheaper.
+MAX_MOVED_PIECES = 120
+
+
+def _split_rows(
+    bucketing: Bucketing, a: int, b: int, grain: int
+) -> tuple[dict[int, int], list[tuple[int, int, int]]] | None:
+    """Roll-up rows of `grain` in [a, b) against the chart's buckets: ({row bucket: the
+    chart bucket holding most of it}, [(that chart bucket, start, end) of each other
+    piece]), or None when the pieces would be too many or too much of the time."""
+    home: dict[int, int] = {}
+    moved: list[tuple[int, int, int]] = []
+    starts = [k for k in bucketing.keys(a, b) if a < k < b]
+    for d in range(a, b, grain):
+        cuts = [k for k in starts if d < k < d + grain]
+        if not cuts:
+            home[d] = bucketing.key_of(d)
+            continue
+        pieces = list(pairwise([d, *cuts, d + grain]))
+        biggest = max(pieces, key=lambda piece: piece[1] - piece[0])
+        home[d] = bucketing.key_of(biggest[0])
+        moved += [(home[d], pa, pb) for pa, pb in pieces if (pa, pb) != biggest]
+        if len(moved) > MAX_MOVED_PIECES:
+            return None
+    if sum(pb - pa for _key, pa, pb in moved) * 4 > b - a:
+        return None  # e.g. hourly charts over daily rows: most of it would move
+    return home, moved
+
+
+def _straddles(
+    plan: _HistogramPlan, bucketing: Bucketing
+) -> tuple[dict[int, int], list[tuple[int, int, int]]] | None:
+    """`_split_rows` over every read of `plan`."""
+    home: dict[int, int] = {}
+    moved: list[tuple[int, int, int]] = []
+    for _rows, a, b, grain in plan.reads:
+        split = _split_rows(bucketing, a, b, grain)
+        if split is None:
+            return None
+        home |= split[0]
+        moved += split[1]
+    if len(moved) > MAX_MOVED_PIECES:
+        return None
+    return home, moved
 
 
 def _raw_percentile(qs: QuerySet, q: float) -> float | None:
@@ -703,7 +785,7 @@ def latency_percentile(sel: Selection, q: float = 0.95) -> float | None:
     if plan is None:
         return _raw_percentile(raw_qs.filter(timestamp__gte=sel.start, timestamp__lt=sel.end), q)
     counts: dict[int, int] = defaultdict(int)
-    for rows, _a, _b in plan.reads:
+    for rows, _a, _b, _grain in plan.reads:
         for row in rows.values("latency_bucket").annotate(n=Sum("count")).order_by():
             counts[row["latency_bucket"]] += row["n"]
     for part in plan.raw_querysets(sel):
@@ -759,8 +841,9 @@ def latency_series(
 ) -> dict[int, tuple[float | None, float | None]]:
     """{bucket key: (average ms, p-quantile ms)} for the selection's calls.
 
-    A histogram answers p95 (within ~2 %) when its buckets fit the chart's (whole-hour
-    zones for the hourly one, UTC days for the daily one); otherwise raw events do.
+    Histograms answer p95 (within ~2 %): rows that fit a chart bucket go to it, rows that
+    straddle two (UTC days against Berlin days) go to the one holding most of them and
+    their other pieces are moved with raw events; without a histogram, raw events answer.
     Widgets call `latency_series_groups`, which on PostgreSQL answers the raw case in SQL.
     """
     averages = {
@@ -771,14 +854,28 @@ def latency_series(
     per_bucket: dict[int, dict[int, int]] = defaultdict(lambda: defaultdict(int))
     raw_qs = UsageEvent.objects.filter(_event_filters(sel))
     if plan is not None:
-        for rows, a, b in plan.reads:
+        for rows, a, b, _grain in plan.reads:
             # Local buckets computed in SQL: a few thousand rows instead of one per hour.
             rows = rows.annotate(_tkey=bucketing.expression("bucket", a, b))
             for row in rows.values("_tkey", "latency_bucket").annotate(n=Sum("count")).order_by():
                 key = bucketing.key_from_sql(row["_tkey"])
                 per_bucket[key][row["latency_bucket"]] += row["n"]
         raw_parts = plan.raw_querysets(sel)
+    elif (plan := _histogram_plan(sel)) is not None and (split := _straddles(plan, bucketing)):
+        home, moved = split
+        for rows, _a, _b, _grain in plan.reads:
+            for row in rows.values("bucket", "latency_bucket").annotate(n=Sum("count")).order_by():
+                per_bucket[home[row["bucket"]]][row["latency_bucket"]] += row["n"]
+        for home_key, a, b in moved:
+            for in_piece in _range_qs(((a, b),)):
+                pieces = raw_qs.filter(in_piece).values_list("timestamp", "latency_ms")
+                for ts, latency in pieces:
+                    index = latency_bucket(latency)
+                    per_bucket[home_key][index] -= 1  # its row counted it at home
+                    per_bucket[bucketing.key_of(_epoch(ts))][index] += 1
+        raw_parts = plan.raw_querysets(sel)
     else:
+        plan = None
         raw_parts = [raw_qs.filter(timestamp__gte=sel.start, timestamp__lt=sel.end)]
     raw_values: dict[int, list[int]] = defaultdict(list)
     for part in raw_parts:
@@ -812,7 +909,7 @@ def latency_series_groups(
     if not wanted:
         return {}
     probe = replace(sel, operations=next(iter(wanted.values())))
-    if connection.vendor != "postgresql" or _histogram_plan(probe, bucketing) is not None:
+    if connection.vendor != "postgresql" or _histogram_plan(probe) is not None:
         return {
             name: latency_series(replace(sel, operations=ops), bucketing, q)
             for name, ops in wanted.items()
