@@ -340,12 +340,10 @@ class ScopeUsageDaily(ScopeUsageRollup):  # noqa: DJ008
         ]
 
 
-class LatencyHistogramHourly(models.Model):  # noqa: DJ008
-    """Counts of events per log-spaced latency bucket, per organization, hour and operation.
-
-    p95 is read from here for org-wide views: the buckets grow by LATENCY_GAMMA, so the
-    estimate is within about 2 % of the exact value.
-    """
+class LatencyHistogramOrg(models.Model):
+    """Counts of events per log-spaced latency bucket, per organization, time bucket and
+    operation. p95 is read from here for org-wide views: the buckets grow by
+    LATENCY_GAMMA, so the estimate is within about 2 % of the exact value."""
 
     pk = models.CompositePrimaryKey("organization", "bucket", "operation", "latency_bucket")
     organization = models.ForeignKey(Organization, on_delete=models.CASCADE)
@@ -355,19 +353,19 @@ class LatencyHistogramHourly(models.Model):  # noqa: DJ008
     count = models.BigIntegerField(default=0)
 
     class Meta:
+        abstract = True
+
+
+class LatencyHistogramHourly(LatencyHistogramOrg):  # noqa: DJ008
+    """The org-wide latency histogram by UTC hour."""
+
+    class Meta:
         db_table = "metering_latency_hist_hourly"
 
 
-class LatencyHistogramDaily(models.Model):  # noqa: DJ008
+class LatencyHistogramDaily(LatencyHistogramOrg):  # noqa: DJ008
     """The org-wide latency histogram by UTC day: the whole days of a range (about 25x
     fewer rows than by hour), and UTC-day charts."""
-
-    pk = models.CompositePrimaryKey("organization", "bucket", "operation", "latency_bucket")
-    organization = models.ForeignKey(Organization, on_delete=models.CASCADE)
-    bucket = models.BigIntegerField()
-    operation = models.CharField(max_length=20)
-    latency_bucket = models.SmallIntegerField()
-    count = models.BigIntegerField(default=0)
 
     class Meta:
         db_table = "metering_latency_hist_daily"
