@@ -406,27 +406,24 @@ def _narrow_ok(sel: Selection, dims: tuple[str, ...]) -> bool:
     )
 
 
-def _rollup_rows(sel: Selection, narrow: bool, narrow_model, wide_model) -> QuerySet:
-    """One roll-up table's rows of the selection: the org-wide table only where the scope
-    covers the whole selected organizations, else the wide one behind the gate."""
+def _rollup_rows(sel: Selection, narrow: bool, grain: int) -> QuerySet:
+    """The selection's rows of the roll-up of `grain`: the org-wide family only where the
+    scope covers the whole selected organizations, else the wide one behind the gate."""
     if narrow:
+        narrow_model = dict(NARROW_TIERS)[grain]
         qs = narrow_model.objects.all()
         if not sel.scope.everything:
             qs = qs.filter(organization_id__in=sel.org_ids)
         return qs.filter(_dimension_filters(sel))
+    wide_model = dict(WIDE_TIERS)[grain]
     dims = _dimension_filters(sel)
     return wide_model.objects.filter(rollup_scope_q(_reading_scope(sel))).filter(dims)
 
 
 def rollup_source(sel: Selection, dims: tuple[str, ...], grain: int = BUCKET_SECONDS) -> QuerySet:
     """The narrow roll-up of `grain` when it can answer exactly, else the wide one."""
-    narrow = dict(NARROW_TIERS).get(grain)
-    wide = dict(WIDE_TIERS).get(grain)
-    if _narrow_ok(sel, dims) and narrow is not None:
-        return _rollup_rows(sel, True, narrow, None)
-    if wide is None:
-        raise ValueError(f"no wide roll-up of grain {grain}")
-    return _rollup_rows(sel, False, None, wide)
+    narrow = _narrow_ok(sel, dims) and grain in dict(NARROW_TIERS)
+    return _rollup_rows(sel, narrow, grain)
 
 
 def _plan_tiers(
@@ -524,16 +521,16 @@ def _grouped_totals(sel: Selection, dims: tuple[str, ...], bucketing: Bucketing 
         or (bucketing is not None and bucketing.width < BUCKET_SECONDS)
     )
     narrow = _narrow_ok(sel, dims)
-    tiers = dict(NARROW_TIERS if narrow else WIDE_TIERS)
+    grains = tuple(dict(NARROW_TIERS if narrow else WIDE_TIERS))
     if raw_only:
         reads, raw_ranges = [], [(start, end)]
     else:
-        reads, raw_ranges = _plan_tiers(tuple(tiers), start, end, None)
+        reads, raw_ranges = _plan_tiers(grains, start, end, None)
     out = _raw_grouped_ranges(sel, raw_ranges, dims, bucketing)
     values = list(dims)
 
     def rows(grain: int) -> QuerySet:
-        return _rollup_rows(sel, narrow, tiers[grain], tiers[grain])
+        return _rollup_rows(sel, narrow, grain)
 
     def add_rows(qs: QuerySet, extra: str | None, key_of, sign: int = 1) -> None:
         fields = [*values, extra] if extra else values
@@ -546,9 +543,10 @@ def _grouped_totals(sel: Selection, dims: tuple[str, ...], bucketing: Bucketing 
         if bucketing is None:
             add_rows(qs, None, lambda row: None)
             continue
-        split = None if bucketing.aligned(grain, a, b) else _split_rows(bucketing, a, b, grain)
+        aligned = bucketing.aligned(grain, a, b)
+        split = None if aligned else _split_rows(bucketing, a, b, grain)
         if split is None:
-            if not bucketing.aligned(grain, a, b):
+            if not aligned:
                 # Read the range from the 15-minute rows, which every zone's buckets fit.
                 qs = rows(BUCKET_SECONDS).filter(bucket__gte=a, bucket__lt=b)
             qs = qs.annotate(_tkey=bucketing.expression("bucket", a, b))
@@ -596,9 +594,8 @@ def distinct_values(sel: Selection, column: str) -> set:
     empty = 0 if column.endswith("_id") else ""
     start, end = _epoch(sel.start), _epoch(sel.end)
     raw_only = sel.needs_raw or sel.end - sel.start <= RAW_RANGE_LIMIT
-    tiers = dict(WIDE_TIERS)
     reads, raw_ranges = (
-        ([], [(start, end)]) if raw_only else _plan_tiers(tuple(tiers), start, end, None)
+        ([], [(start, end)]) if raw_only else _plan_tiers(tuple(dict(WIDE_TIERS)), start, end, None)
     )
     values = set()
     for in_range in _range_qs(raw_ranges):
@@ -607,7 +604,7 @@ def distinct_values(sel: Selection, column: str) -> set:
         values |= set(qs.exclude(**missing).values_list(column, flat=True).distinct().order_by())
     for grain, a, b in reads:
         qs = (
-            _rollup_rows(sel, False, None, tiers[grain])
+            _rollup_rows(sel, False, grain)
             .filter(bucket__gte=a, bucket__lt=b)
             .exclude(**{column: empty})
         )
@@ -666,14 +663,16 @@ class _HistogramPlan:
         ]
 
 
-def _histogram_rows(sel: Selection, narrow: bool, narrow_model, wide_model) -> QuerySet:
+def _histogram_rows(sel: Selection, narrow: bool, grain: int) -> QuerySet:
     """A histogram's rows of the selection: the org-wide one only where the scope covers
     the whole selected organizations, else the scoped one behind the gate's predicate."""
     if narrow:
+        narrow_model = dict(HIST_NARROW_TIERS)[grain]
         rows = narrow_model.objects.all()
         if not sel.scope.everything or sel.org_ids:
             rows = rows.filter(organization_id__in=sel.org_ids)
     else:
+        wide_model = dict(HIST_WIDE_TIERS)[grain]
         rows = wide_model.objects.filter(rollup_scope_q(_reading_scope(sel)))
         for column, values in (
             ("organization_id", sel.org_ids),
@@ -696,16 +695,14 @@ def _histogram_plan(sel: Selection, bucketing: Bucketing | None = None) -> _Hist
     if sel.needs_raw or sel.models or sel.status != "all" or sel.end - sel.start <= RAW_RANGE_LIMIT:
         return None
     narrow = not sel.needs_scope_dims and sel.scope.covers_whole_orgs(sel.org_ids)
-    tiers = dict(HIST_NARROW_TIERS if narrow else HIST_WIDE_TIERS)
+    tiers = tuple(dict(HIST_NARROW_TIERS if narrow else HIST_WIDE_TIERS))
     start, end = _epoch(sel.start), _epoch(sel.end)
-    grains, raw_ranges = _plan_tiers(tuple(tiers), start, end, bucketing)
+    grains, raw_ranges = _plan_tiers(tiers, start, end, bucketing)
     if not grains:
         return None
     reads = tuple(
         (
-            _histogram_rows(sel, narrow, tiers[grain], tiers[grain]).filter(
-                bucket__gte=a, bucket__lt=b
-            ),
+            _histogram_rows(sel, narrow, grain).filter(bucket__gte=a, bucket__lt=b),
             a,
             b,
             grain,
