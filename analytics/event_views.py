@@ -38,6 +38,7 @@ from .eventlog import (
     format_amount,
     format_event_cost,
     log_filter,
+    log_parts,
     usd_text,
 )
 from .exports import csv_response
@@ -204,6 +205,7 @@ def _log_context(request: HttpRequest, flt: EventLogFilter) -> dict:
         after=request.GET.get("after"),
         before=request.GET.get("before"),
         page=number,
+        parts=log_parts(flt),
     )
     money = Money.for_org(flt.selected_org())
     return {

@@ -32,6 +32,7 @@ from types import SimpleNamespace
 import django_filters
 from django.conf import settings
 from django.core.cache import cache
+from django.db import connection
 from django.db.models import (
     BigIntegerField,
     Case,
@@ -54,7 +55,7 @@ from metering.models import NANOS_PER_USD, PoolCategory, ResourceType, UsageEven
 from .exports import csv_rows
 from .filters import FILTER_PARAMS, Period, UsageFilter
 from .queries import totals
-from .visibility import visible_events, visible_events_in
+from .visibility import scope_parts, viewer_scope, visible_events, visible_events_in
 
 logger = logging.getLogger(__name__)
 
@@ -411,6 +412,39 @@ def _load(qs: QuerySet, keys: list[tuple]) -> list[UsageEvent]:
     return [by_id[pk] for pk in wanted if pk in by_id]
 
 
+def _keys(
+    qs: QuerySet,
+    ordering: Ordering,
+    parts: list[Q] | None,
+    *,
+    seek: tuple | None = None,
+    backwards: bool = False,
+    offset: int = 0,
+    limit: int,
+) -> list[tuple]:
+    """(sort value, id) of rows offset .. offset + limit of `qs` in `ordering` (reversed
+    when `backwards`), after `seek` when given.
+
+    With `parts` (the scope split by `visibility.scope_parts`), each part is read on its
+    own, in index order and up to offset + limit rows, and the pieces are merged (UNION
+    drops a row two parts share). Each part narrows `qs`, which keeps the whole gate.
+    """
+
+    def keyed(rows: QuerySet) -> QuerySet:
+        rows = ordering.apply(rows, reverse=backwards)
+        if seek is not None:
+            rows = rows.filter(ordering.seek(*seek, backwards=backwards))
+        return rows.values_list("_sort", "id")
+
+    if not parts or len(parts) == 1:
+        return list(keyed(qs)[offset : offset + limit])
+    first, *rest = (keyed(qs.filter(part))[: offset + limit] for part in parts)
+    descending = ordering.descending != backwards
+    order = ("-_sort", "-id") if descending else ("_sort", "id")
+    merged = first.union(*rest).order_by(*order)
+    return list(merged[offset : offset + limit])
+
+
 def fetch_page(
     qs: QuerySet,
     ordering: Ordering,
@@ -419,16 +453,17 @@ def fetch_page(
     before: str | None = None,
     page: int = 1,
     size: int = PAGE_SIZE,
+    parts: list[Q] | None = None,
 ) -> LogPage:
-    """One page of `qs` in `ordering`: after a cursor, before one, or page number `page`."""
-    keys_qs = ordering.apply(qs).values_list("_sort", "id")
+    """One page of `qs` in `ordering`: after a cursor, before one, or page number `page`.
+
+    `parts`: see `_keys` (PostgreSQL only; `log_parts` says when they help)."""
     number = max(page, 1)
     if (position := decode_cursor(after, ordering)) is not None:
-        keys = list(keys_qs.filter(ordering.seek(*position))[: size + 1])
+        keys = _keys(qs, ordering, parts, seek=position, limit=size + 1)
         return _finish(qs, ordering, keys[:size], max(number, 2), len(keys) > size, True)
     if (position := decode_cursor(before, ordering)) is not None:
-        back = ordering.apply(qs, reverse=True).values_list("_sort", "id")
-        keys = list(back.filter(ordering.seek(*position, backwards=True))[: size + 1])
+        keys = _keys(qs, ordering, parts, seek=position, backwards=True, limit=size + 1)
         if len(keys) > size:
             return _finish(qs, ordering, keys[:size][::-1], max(number, 1), True, True)
         # Reached the top: show the first page as it is now (newer rows may have arrived).
@@ -437,12 +472,30 @@ def fetch_page(
         # The offset walks only the narrow (sort value, id) pairs; from then on the
         # Older/Newer links seek from this page's cursors.
         offset = (number - 1) * size
-        keys = list(keys_qs[offset : offset + size + 1])
+        keys = _keys(qs, ordering, parts, offset=offset, limit=size + 1)
         if not keys:
             return LogPage(rows=[], number=number, has_next=False, has_previous=True)
         return _finish(qs, ordering, keys[:size], number, len(keys) > size, True)
-    keys = list(keys_qs[: size + 1])
+    keys = _keys(qs, ordering, parts, limit=size + 1)
     return _finish(qs, ordering, keys[:size], 1, len(keys) > size, False)
+
+
+def log_parts(flt: "EventLogFilter") -> list[Q] | None:
+    """The viewer's scope in parts for `fetch_page`, or None where one query is best.
+
+    An org admin's log is one indexed predicate (the organization). A member's or team
+    lead's is an OR (own events, own tokens, the team): read as one query, PostgreSQL
+    would sort every row of the scope for each page; read part by part, each part walks
+    its own index in order and stops after the page.
+    """
+    if connection.vendor != "postgresql" or not flt.is_bound or not flt.is_valid():
+        return None
+    scope = viewer_scope(flt.viewer)
+    org = flt.selected_org()
+    if scope.everything or (org is not None and scope.covers_whole_orgs((org.id,))):
+        return None
+    parts = scope_parts(scope)
+    return parts if len(parts) > 1 else None
 
 
 # ---------------------------------------------------------------------------------------

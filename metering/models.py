@@ -126,18 +126,33 @@ class UsageEvent(models.Model):
             # Events log pages (newest first, keyset on (timestamp, id)), the raw edges of
             # roll-up queries, and short ranges that are read raw.
             models.Index(fields=["organization", "timestamp", "id"], name="event_org_time"),
-            # A member's own events and the user detail page.
-            models.Index(fields=["organization", "user", "timestamp"], name="event_org_user_time"),
-            # A team lead's and a project admin's scope: with the user and token indexes
-            # the scope predicate (team OR project OR user OR token) becomes a BitmapOr
-            # of narrow index scans instead of a scan of the organization's events.
-            models.Index(fields=["organization", "team", "timestamp"], name="event_org_team_time"),
+            # The parts of a partial scope (own events, own tokens, a team, a project), each
+            # in the log's (timestamp, id) order: the log reads a member's or a team lead's
+            # page part by part and merges (eventlog.log_parts), instead of sorting every
+            # event of the scope; with the time column they also serve raw reads of a range.
             models.Index(
-                fields=["organization", "project", "timestamp"], name="event_org_project_time"
+                fields=["organization", "user", "timestamp", "id"], name="event_org_user_time_id"
             ),
-            # Events sent through tokens a member owns (part of the member's scope).
             models.Index(
-                fields=["organization", "api_token", "timestamp"], name="event_org_token_time"
+                fields=["organization", "team", "timestamp", "id"], name="event_org_team_time_id"
+            ),
+            models.Index(
+                fields=["organization", "project", "timestamp", "id"],
+                name="event_org_project_time_id",
+            ),
+            models.Index(
+                fields=["organization", "api_token", "timestamp", "id"],
+                name="event_org_token_time_id",
+            ),
+            # The log sorted by cost (the most asked-for sort after time): a whole
+            # organization's, and a member's own events and tokens', in (cost, id) order.
+            models.Index(fields=["organization", "cost_nanos", "id"], name="event_org_cost"),
+            models.Index(
+                fields=["organization", "user", "cost_nanos", "id"], name="event_org_user_cost"
+            ),
+            models.Index(
+                fields=["organization", "api_token", "cost_nanos", "id"],
+                name="event_org_token_cost",
             ),
             # The chat-session filter; most events of batch callers carry no session.
             models.Index(
