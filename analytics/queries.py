@@ -49,6 +49,8 @@ from metering.models import (
     LatencyHistogramDaily,
     LatencyHistogramHourly,
     LatencyHistogramScopeDaily,
+    OrgActorDaily,
+    OrgActorHourly,
     OrgUsage15m,
     OrgUsageDaily,
     OrgUsageHourly,
@@ -74,6 +76,8 @@ SCOPE_DIMS = NARROW_DIMS | {
     "assistant",
     "workflow",
 }
+# What the actor roll-up groups by (it has no model, operation or status column).
+ACTOR_DIMS = {"organization_id", "user_id", "api_token_id", "assistant", "workflow"}
 RAW_ONLY_DIMS = {"end_user", "session_id"}
 
 
@@ -351,10 +355,13 @@ def _dimension_filters(sel: Selection) -> Q:
     return q
 
 
-def _rollup_aggregates() -> dict:
+def _rollup_aggregates(family: str = "org") -> dict:
     # Annotation names get a prefix: an aggregate named like a column ("requests") would
     # shadow that column in the failed_requests expression below.
     aggs = {f"t_{m}": Sum(m) for m in MEASURES if m in Totals.__dataclass_fields__}
+    if family == "actor":
+        aggs["t_failed_requests"] = Sum("failed_requests")  # it has no status column
+        return aggs
     aggs["t_failed_requests"] = Sum(
         Case(When(status_code__gte=400, then=F("requests")), default=Value(0)),
         output_field=BigIntegerField(),
@@ -394,36 +401,51 @@ def _to_totals(row: dict) -> Totals:
 # Each roll-up family from the coarsest grain to the finest: a range reads its whole UTC
 # days, then whole hours, then quarters, then raw seconds at the two edges.
 NARROW_TIERS = ((DAY, OrgUsageDaily), (HOUR, OrgUsageHourly), (BUCKET_SECONDS, OrgUsage15m))
+ACTOR_TIERS = ((DAY, OrgActorDaily), (HOUR, OrgActorHourly))
 WIDE_TIERS = ((DAY, ScopeUsageDaily), (BUCKET_SECONDS, ScopeUsage15m))
+FAMILIES = {"org": NARROW_TIERS, "actor": ACTOR_TIERS, "scope": WIDE_TIERS}
+
+
+def _whole_orgs(sel: Selection) -> bool:
+    """No scope-dimension filter, and the viewer sees all of every selected organization."""
+    return not sel.needs_scope_dims and sel.scope.covers_whole_orgs(sel.org_ids)
 
 
 def _narrow_ok(sel: Selection, dims: tuple[str, ...]) -> bool:
     """The org-wide roll-up answers exactly: no scope dimension asked, whole orgs seen."""
-    return (
-        set(dims) <= NARROW_DIMS
-        and not sel.needs_scope_dims
-        and sel.scope.covers_whole_orgs(sel.org_ids)
-    )
+    return set(dims) <= NARROW_DIMS and _whole_orgs(sel)
 
 
-def _rollup_rows(sel: Selection, narrow: bool, grain: int) -> QuerySet:
-    """The selection's rows of the roll-up of `grain`: the org-wide family only where the
-    scope covers the whole selected organizations, else the wide one behind the gate."""
-    if narrow:
-        narrow_model = dict(NARROW_TIERS)[grain]
-        qs = narrow_model.objects.all()
+def _family(sel: Selection, dims: tuple[str, ...]) -> str:
+    """The smallest roll-up family that answers `dims` of `sel` exactly: "org" (model,
+    operation, status), "actor" (who: user, token, assistant, workflow; only without a
+    model, operation or status filter) or "scope" (every dimension, behind the gate)."""
+    if _narrow_ok(sel, dims):
+        return "org"
+    plain = not (sel.models or sel.operations or sel.status != "all")
+    if plain and set(dims) <= ACTOR_DIMS and _whole_orgs(sel):
+        return "actor"
+    return "scope"
+
+
+def _rollup_rows(sel: Selection, family: str, grain: int) -> QuerySet:
+    """The selection's rows of `family`'s roll-up of `grain`: the org-wide families only
+    where the scope covers the whole selected organizations, else the wide one behind
+    the gate."""
+    model = dict(FAMILIES[family])[grain]
+    if family != "scope":
+        qs = model.objects.all()
         if not sel.scope.everything:
             qs = qs.filter(organization_id__in=sel.org_ids)
         return qs.filter(_dimension_filters(sel))
-    wide_model = dict(WIDE_TIERS)[grain]
     dims = _dimension_filters(sel)
-    return wide_model.objects.filter(rollup_scope_q(_reading_scope(sel))).filter(dims)
+    return model.objects.filter(rollup_scope_q(_reading_scope(sel))).filter(dims)
 
 
 def rollup_source(sel: Selection, dims: tuple[str, ...], grain: int = BUCKET_SECONDS) -> QuerySet:
     """The narrow roll-up of `grain` when it can answer exactly, else the wide one."""
-    narrow = _narrow_ok(sel, dims) and grain in dict(NARROW_TIERS)
-    return _rollup_rows(sel, narrow, grain)
+    family = "org" if _narrow_ok(sel, dims) and grain in dict(NARROW_TIERS) else "scope"
+    return _rollup_rows(sel, family, grain)
 
 
 def _plan_tiers(
@@ -520,8 +542,10 @@ def _grouped_totals(sel: Selection, dims: tuple[str, ...], bucketing: Bucketing 
         or sel.end - sel.start <= RAW_RANGE_LIMIT
         or (bucketing is not None and bucketing.width < BUCKET_SECONDS)
     )
-    narrow = _narrow_ok(sel, dims)
-    grains = tuple(dict(NARROW_TIERS if narrow else WIDE_TIERS))
+    family = _family(sel, dims)
+    if family == "actor" and bucketing is not None:
+        family = "scope"  # charts may need quarters, which only the wide family has
+    grains = tuple(dict(FAMILIES[family]))
     if raw_only:
         reads, raw_ranges = [], [(start, end)]
     else:
@@ -530,11 +554,11 @@ def _grouped_totals(sel: Selection, dims: tuple[str, ...], bucketing: Bucketing 
     values = list(dims)
 
     def rows(grain: int) -> QuerySet:
-        return _rollup_rows(sel, narrow, grain)
+        return _rollup_rows(sel, family, grain)
 
     def add_rows(qs: QuerySet, extra: str | None, key_of, sign: int = 1) -> None:
         fields = [*values, extra] if extra else values
-        for row in _grouped_rows(qs, fields, _rollup_aggregates()):
+        for row in _grouped_rows(qs, fields, _rollup_aggregates(family)):
             group = tuple(_rollup_value(d, row[d]) for d in dims)
             out.add((key_of(row), *group), _to_totals(row), sign)
 
@@ -590,25 +614,42 @@ def distinct_count(sel: Selection, column: str) -> int:
     return len(distinct_values(sel, column))
 
 
+def distinct_counts(sel: Selection, columns: tuple[str, ...]) -> dict[str, int]:
+    """`distinct_count` of several columns, from one read of each source."""
+    return {column: len(values) for column, values in distinct_values_many(sel, columns).items()}
+
+
 def distinct_values(sel: Selection, column: str) -> set:
-    empty = 0 if column.endswith("_id") else ""
+    return distinct_values_many(sel, (column,))[column]
+
+
+def distinct_values_many(sel: Selection, columns: tuple[str, ...]) -> dict[str, set]:
+    """The distinct non-empty values of each of `columns`, exact: a union of sets over
+    the tiers of the smallest family that has them (whole days, hours, quarters) and the
+    raw seconds at the edges, each source read once for every column."""
+    empty = {column: 0 if column.endswith("_id") else "" for column in columns}
     start, end = _epoch(sel.start), _epoch(sel.end)
     raw_only = sel.needs_raw or sel.end - sel.start <= RAW_RANGE_LIMIT
+    family = "actor" if _family(sel, columns) == "actor" else "scope"
     reads, raw_ranges = (
-        ([], [(start, end)]) if raw_only else _plan_tiers(tuple(dict(WIDE_TIERS)), start, end, None)
+        ([], [(start, end)])
+        if raw_only
+        else _plan_tiers(tuple(dict(FAMILIES[family])), start, end, None)
     )
-    values = set()
+    values: dict[str, set] = {column: set() for column in columns}
+
+    def collect(rows) -> None:
+        for row in rows:
+            for column, value in zip(columns, row, strict=True):
+                if value is not None and value != empty[column]:
+                    values[column].add(value)
+
     for in_range in _range_qs(raw_ranges):
         qs = UsageEvent.objects.filter(_event_filters(sel)).filter(in_range)
-        missing = {f"{column}__isnull": True} if empty == 0 else {column: ""}
-        values |= set(qs.exclude(**missing).values_list(column, flat=True).distinct().order_by())
+        collect(qs.values_list(*columns).distinct().order_by())
     for grain, a, b in reads:
-        qs = (
-            _rollup_rows(sel, False, grain)
-            .filter(bucket__gte=a, bucket__lt=b)
-            .exclude(**{column: empty})
-        )
-        values |= set(qs.values_list(column, flat=True).distinct().order_by())
+        qs = _rollup_rows(sel, family, grain).filter(bucket__gte=a, bucket__lt=b)
+        collect(qs.values_list(*columns).distinct().order_by())
     return values
 
 
@@ -833,6 +874,26 @@ def _quantile_sorted(values: list[int], q: float) -> float | None:
     return float(values[rank - 1])
 
 
+def _piece_latencies(raw_qs: QuerySet, pieces: list[tuple[int, int]]):
+    """(piece index, latency ms, events) of the raw events in each [a, b) piece: one
+    statement, a UNION ALL of one indexed time range per piece (an OR of the ranges
+    would keep the planner from using the time column of the scope's indexes)."""
+    branches = [
+        raw_qs.filter(in_range)
+        .annotate(_piece=Value(i, output_field=BigIntegerField()))
+        .values_list("_piece", "latency_ms")
+        .annotate(n=Count("id"))
+        .order_by()
+        for i, (a, b) in enumerate(pieces)
+        if a < b
+        for in_range in _range_qs(((a, b),))
+    ]
+    if not branches:
+        return []
+    first, *rest = branches
+    return first.union(*rest, all=True) if rest else first
+
+
 def latency_series(
     sel: Selection, bucketing: Bucketing, q: float = 0.95
 ) -> dict[int, tuple[float | None, float | None]]:
@@ -863,13 +924,11 @@ def latency_series(
         for rows, _a, _b, _grain in plan.reads:
             for row in rows.values("bucket", "latency_bucket").annotate(n=Sum("count")).order_by():
                 per_bucket[home[row["bucket"]]][row["latency_bucket"]] += row["n"]
-        for home_key, a, b in moved:
-            for in_piece in _range_qs(((a, b),)):
-                pieces = raw_qs.filter(in_piece).values_list("timestamp", "latency_ms")
-                for ts, latency in pieces:
-                    index = latency_bucket(latency)
-                    per_bucket[home_key][index] -= 1  # its row counted it at home
-                    per_bucket[bucketing.key_of(_epoch(ts))][index] += 1
+        for piece, latency, n in _piece_latencies(raw_qs, [(a, b) for _key, a, b in moved]):
+            home_key, a, _b = moved[piece]
+            index = latency_bucket(latency)
+            per_bucket[home_key][index] -= n  # its row counted them at home
+            per_bucket[bucketing.key_of(a)][index] += n  # a piece lies in one chart bucket
         raw_parts = plan.raw_querysets(sel)
     else:
         plan = None

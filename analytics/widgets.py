@@ -26,7 +26,7 @@ from .queries import (
     Selection,
     Totals,
     auto_width,
-    distinct_count,
+    distinct_counts,
     grouped_totals,
     latency_percentiles,
     latency_series_groups,
@@ -215,6 +215,7 @@ def _metric_values(sel: Selection) -> dict:
     completion_avg = _latency_average(sel, COMPLETION_OPERATIONS, by_op)
     embedding_avg = _latency_average(sel, EMBEDDING_OPERATIONS, by_op)
     completion_p95, embedding_p95 = p95["completion"], p95["embedding"]
+    distinct = distinct_counts(sel, ("user_id", "assistant", "workflow"))
     return {
         "requests": total.requests,
         "failed": total.failed_requests,
@@ -229,9 +230,9 @@ def _metric_values(sel: Selection) -> dict:
         "completion_latency_p95": completion_p95,
         "embedding_latency_avg": embedding_avg,
         "embedding_latency_p95": embedding_p95,
-        "active_users": distinct_count(sel, "user_id"),
-        "assistants": distinct_count(sel, "assistant"),
-        "workflows": distinct_count(sel, "workflow"),
+        "active_users": distinct["user_id"],
+        "assistants": distinct["assistant"],
+        "workflows": distinct["workflow"],
     }
 
 

@@ -10,7 +10,9 @@ docs/architecture.md):
 - LatencyHistogramHourly / LatencyHistogramDaily: org x hour or day x operation x
   log-latency bucket (org-wide p95),
 - LatencyHistogramScopeDaily: org x UTC day x team x project x token x user x operation
-  x log-latency bucket (p95 for partial scopes and scope filters).
+  x log-latency bucket (p95 for partial scopes and scope filters),
+- OrgActorHourly / OrgActorDaily: org x hour or day x user x token x assistant x
+  workflow (org-wide active users, assistants, workflows, top users, ranked tokens).
 
 Increments are upserts `ON CONFLICT ... DO UPDATE SET x = x + EXCLUDED.x`, sent in
 key order so that concurrent writers lock rows in the same order.
@@ -31,6 +33,8 @@ from .models import (
     LatencyHistogramDaily,
     LatencyHistogramHourly,
     LatencyHistogramScopeDaily,
+    OrgActorDaily,
+    OrgActorHourly,
     OrgUsage15m,
     OrgUsageDaily,
     OrgUsageHourly,
@@ -73,6 +77,9 @@ SCOPE_KEYS = (
     "assistant",
     "workflow",
 )
+ACTOR_KEYS = ("organization_id", "bucket", "user_id", "api_token_id", "assistant", "workflow")
+# The actor roll-up has no status column, so it counts failed requests itself.
+ACTOR_MEASURES = (*MEASURES, "failed_requests")
 HIST_KEYS = ("organization_id", "bucket", "operation", "latency_bucket")
 SCOPE_HIST_KEYS = (
     "organization_id",
@@ -145,9 +152,14 @@ def _measures(f: EventFacts) -> tuple:
     )
 
 
-def _add(acc: list[int], values: tuple) -> None:
+# Positions of the max-measures: the same in MEASURES and ACTOR_MEASURES (which only adds
+# a column at the end), and never position 0 (a histogram row's one count).
+_MAX_POSITIONS = frozenset(MEASURES.index(m) for m in _MAX_MEASURES)
+
+
+def _add(acc: list[int], values) -> None:
     for i, value in enumerate(values):
-        if MEASURES[i] in _MAX_MEASURES:
+        if i in _MAX_POSITIONS:
             acc[i] = max(acc[i], value)
         else:
             acc[i] += value
@@ -172,6 +184,8 @@ ROLLUPS = (
     Rollup(LatencyHistogramHourly, HIST_KEYS, ("count",), "latency histogram (hour)"),
     Rollup(LatencyHistogramDaily, HIST_KEYS, ("count",), "latency histogram (day)"),
     Rollup(LatencyHistogramScopeDaily, SCOPE_HIST_KEYS, ("count",), "scope latency histogram"),
+    Rollup(OrgActorHourly, ACTOR_KEYS, ACTOR_MEASURES, "actor roll-up (hour)"),
+    Rollup(OrgActorDaily, ACTOR_KEYS, ACTOR_MEASURES, "actor roll-up (day)"),
 )
 
 
@@ -193,6 +207,7 @@ def compute_rollups(facts: Iterable[EventFacts]) -> dict[type, dict[tuple, list[
     scope_rows: dict[tuple, list[int]] = defaultdict(lambda: [0] * len(MEASURES))
     hist_rows: dict[tuple, list[int]] = defaultdict(lambda: [0])
     scope_hist_rows: dict[tuple, list[int]] = defaultdict(lambda: [0])
+    actor_rows: dict[tuple, list[int]] = defaultdict(lambda: [0] * len(ACTOR_MEASURES))
     for f in facts:
         ts = epoch(f.timestamp)
         bucket = ts - ts % BUCKET_SECONDS
@@ -227,6 +242,17 @@ def compute_rollups(facts: Iterable[EventFacts]) -> dict[type, dict[tuple, list[
             lb,
         )
         scope_hist_rows[scope_hist_key][0] += 1
+        actor_key = (
+            f.organization_id,
+            hour,
+            f.user_id or 0,
+            f.api_token_id or 0,
+            f.assistant,
+            f.workflow,
+        )
+        actor = actor_rows[actor_key]
+        _add(actor, values)
+        actor[-1] += 1 if f.status_code >= 400 else 0
     return {
         OrgUsage15m: org_rows,
         OrgUsageHourly: _fold(org_rows, HOUR_SECONDS),
@@ -236,6 +262,8 @@ def compute_rollups(facts: Iterable[EventFacts]) -> dict[type, dict[tuple, list[
         LatencyHistogramHourly: hist_rows,
         LatencyHistogramDaily: _fold(hist_rows, DAY_SECONDS),
         LatencyHistogramScopeDaily: scope_hist_rows,
+        OrgActorHourly: actor_rows,
+        OrgActorDaily: _fold(actor_rows, DAY_SECONDS),
     }
 
 

@@ -10,8 +10,8 @@ then `bulk_load` writes them chunk by chunk:
 2. `INSERT INTO metering_usageevent SELECT ... FROM staging ORDER BY (org, request_id)
    ON CONFLICT (organization_id, request_id) DO NOTHING RETURNING ...` into a second
    temporary table: the rows really inserted (a duplicate changes nothing);
-3. every roll-up (`aggregates.ROLLUPS`: usage by 15 min / hour / day, both latency
-   histograms) and the budget spend counters (BudgetSpend15m) get `INSERT ... SELECT ... GROUP BY ... ORDER BY key
+3. every roll-up (`aggregates.ROLLUPS`: usage by 15 min / hour / day, actors by hour /
+   day, the latency histograms) and the budget spend counters (BudgetSpend15m) get `INSERT ... SELECT ... GROUP BY ... ORDER BY key
    ON CONFLICT DO UPDATE SET x = x + EXCLUDED.x` from those rows only, keys in sorted
    order (concurrent loaders and live ingestion lock rows in the same order).
 
@@ -32,6 +32,8 @@ from typing import Any
 from django.db import connection, transaction
 
 from .aggregates import (
+    ACTOR_KEYS,
+    ACTOR_MEASURES,
     FACT_FIELDS,
     HIST_KEYS,
     LATENCY_GAMMA,
@@ -58,6 +60,8 @@ from .models import (
     LatencyHistogramDaily,
     LatencyHistogramHourly,
     LatencyHistogramScopeDaily,
+    OrgActorDaily,
+    OrgActorHourly,
     OrgUsage15m,
     OrgUsageDaily,
     OrgUsageHourly,
@@ -236,6 +240,17 @@ def _rollup_sql() -> list[str]:
             (ScopeUsageDaily, SCOPE_KEYS, day),
         )
     ]
+    actor_values = f"{measures}, count(*) FILTER (WHERE status_code >= 400)"
+    actors = [
+        upsert(
+            _q(model._meta.db_table),
+            list(ACTOR_KEYS),
+            key_exprs(ACTOR_KEYS, time_expr),
+            ACTOR_MEASURES,
+            actor_values,
+        )
+        for model, time_expr in ((OrgActorHourly, hour), (OrgActorDaily, day))
+    ]
     hists = [
         upsert(
             _q(model._meta.db_table),
@@ -287,7 +302,7 @@ def _rollup_sql() -> list[str]:
         "ON CONFLICT (organization_id, subject, subject_id, bucket) "
         f"DO UPDATE SET cost_nanos = {spend_table}.cost_nanos + EXCLUDED.cost_nanos"
     )
-    return [*usage, *hists, scope_hist, spend]
+    return [*usage, *actors, *hists, scope_hist, spend]
 
 
 def _insert_sql() -> str:

@@ -355,6 +355,47 @@ class ScopeUsageDaily(ScopeUsageRollup):  # noqa: DJ008
         ]
 
 
+class OrgActorRollup(RollupMeasures):
+    """Actor roll-up keys: organization x time bucket x user x API token x assistant x
+    workflow, with failed requests counted (there is no status column to tell them).
+
+    Serves, for viewers who see whole organizations and when no model, operation, status
+    or scope filter is chosen, what the narrow roll-up cannot (who used it) without the
+    wide one's every-dimension rows: active users, assistants and workflows (distinct
+    counts), the top users and the ranked API tokens. People work with few tokens,
+    assistants and workflows, so a day holds about as many rows as active people.
+    Missing ids are 0 and missing labels ''.
+    """
+
+    pk = models.CompositePrimaryKey(
+        "organization", "bucket", "user_id", "api_token_id", "assistant", "workflow"
+    )
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE)
+    bucket = models.BigIntegerField()
+    user_id = models.BigIntegerField()
+    api_token_id = models.BigIntegerField()
+    assistant = models.CharField(max_length=200)
+    workflow = models.CharField(max_length=200)
+    failed_requests = models.BigIntegerField(default=0)
+
+    class Meta:
+        abstract = True
+
+
+class OrgActorHourly(OrgActorRollup):  # noqa: DJ008
+    """The actor roll-up by UTC hour: the partial days at the edges of a range."""
+
+    class Meta:
+        db_table = "metering_org_actor_hourly"
+
+
+class OrgActorDaily(OrgActorRollup):  # noqa: DJ008
+    """The actor roll-up by UTC day: the whole days inside a range."""
+
+    class Meta:
+        db_table = "metering_org_actor_daily"
+
+
 class LatencyHistogramOrg(models.Model):
     """Counts of events per log-spaced latency bucket, per organization, time bucket and
     operation. p95 is read from here for org-wide views: the buckets grow by

@@ -69,6 +69,9 @@ def _ingest_period(personas, start: datetime, seed: int = 1) -> None:
                 status_code=rng.choice([200, 200, 200, 200, 429, 500]),
                 team=rng.choice([None, "platform", "research"]),
                 project=rng.choice([None, "chatbot"]),
+                user=rng.choice([None, None, "lead@example.test", "projectadmin@example.test"]),
+                assistant=rng.choice([None, "helper", "coder"]),
+                workflow=rng.choice([None, None, "nightly", "triage", "digest"]),
             )
         )
         t += step
@@ -340,6 +343,51 @@ def test_grouping_by_a_dimension_gives_one_group_per_value(autumn, subtests):
             got = grouped_totals(_org_selection(autumn, start, end), (dim,))
 
             assert {key[1]: t.requests for key, t in got.rows.items()} == dict(expected)
+
+
+def test_who_questions_of_whole_organizations_come_from_the_actor_roll_ups(autumn, subtests):
+    """Top users, ranked tokens and distinct users/assistants/workflows of an org admin
+    read the actor roll-ups (days, hours, raw edges) and equal raw events exactly."""
+    start = PERIODS["autumn"] + timedelta(hours=2, minutes=7, seconds=3)
+    end = start + timedelta(days=2, hours=3, minutes=1)
+    events = _raw_events(autumn, start, end)
+    sel = _org_selection(autumn, start, end)
+    for dim in ("user_id", "api_token_id"):
+        with subtests.test(dim):
+            expected: dict = defaultdict(lambda: [0, 0, 0])
+            for e in events:
+                acc = expected[getattr(e, dim)]
+                acc[0] += 1
+                acc[1] += e.status_code >= 400
+                acc[2] += e.cost_nanos
+            with CaptureQueriesContext(connection) as seen:
+                got = grouped_totals(sel, (dim,))
+
+            assert {
+                key[1]: [t.requests, t.failed_requests, t.cost_nanos] for key, t in got.rows.items()
+            } == {key: value for key, value in expected.items()}
+            tables = " ".join(q["sql"] for q in seen.captured_queries)
+            assert "metering_org_actor_daily" in tables and "metering_org_actor_hourly" in tables
+            assert "metering_scope_usage" not in tables
+    with subtests.test("distinct"):
+        got = analytics_queries.distinct_counts(sel, ("user_id", "assistant", "workflow"))
+
+        assert got["user_id"] >= 2 and got["assistant"] == 2 and got["workflow"] == 3
+        assert got == {
+            "user_id": len({e.user_id for e in events if e.user_id}),
+            "assistant": len({e.assistant for e in events if e.assistant}),
+            "workflow": len({e.workflow for e in events if e.workflow}),
+        }
+    with subtests.test("a model filter reads the wide roll-up"):
+        filtered = _org_selection(autumn, start, end, models=("gpt-4o",))
+        expected_users: dict = defaultdict(int)
+        for e in events:
+            if e.model == "gpt-4o":
+                expected_users[e.user_id] += 1
+
+        got = grouped_totals(filtered, ("user_id",))
+
+        assert {key[1]: t.requests for key, t in got.rows.items()} == dict(expected_users)
 
 
 def test_scoped_viewers_get_exact_totals_of_their_scope(autumn, subtests):
