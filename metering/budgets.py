@@ -623,11 +623,15 @@ def _reached(spent_nanos: int, limit_nanos: int, threshold: int) -> bool:
     return spent_nanos * 100 >= threshold * limit_nanos
 
 
-def budgets_after_ingest(*, organization: Organization, token_id: int | None, events) -> None:
-    """Ingestion's budget work, inside its transaction: count the spend, and if this
-    batch took a budget across one of its thresholds, check that budget once the batch
-    has committed (a Celery task; a broker outage only delays it to the next sweep)."""
-    budget_spend_record(organization_id=organization.id, token_id=token_id, events=events)
+def budgets_after_ingest(
+    *, organization: Organization, token_id: int | None, events, spend_counted: bool = False
+) -> None:
+    """Ingestion's budget work, inside its transaction: count the spend (unless the
+    insert already did, `spend_counted`), and if this batch took a budget across one of
+    its thresholds, check that budget once the batch has committed (a Celery task; a
+    broker outage only delays it to the next sweep)."""
+    if not spend_counted:
+        budget_spend_record(organization_id=organization.id, token_id=token_id, events=events)
     priced = [e for e in events if e.cost_nanos]
     if not priced:
         return

@@ -31,17 +31,7 @@ from typing import Any
 
 from django.db import connection, transaction
 
-from .aggregates import (
-    ACTOR_KEYS,
-    ACTOR_MEASURES,
-    FACT_FIELDS,
-    HIST_KEYS,
-    LATENCY_GAMMA,
-    MEASURES,
-    ORG_KEYS,
-    SCOPE_HIST_KEYS,
-    SCOPE_KEYS,
-)
+from .aggregates import FACT_FIELDS, rollup_sql
 from .ingest import (
     EVENT_COLUMNS,
     CleanEvent,
@@ -51,37 +41,10 @@ from .ingest import (
     _row,
     validate_event,
 )
-from .models import (
-    BUCKET_SECONDS,
-    DAY_SECONDS,
-    HOUR_SECONDS,
-    BudgetSpend15m,
-    CostSource,
-    LatencyHistogramDaily,
-    LatencyHistogramHourly,
-    LatencyHistogramScopeDaily,
-    OrgActorDaily,
-    OrgActorHourly,
-    OrgUsage15m,
-    OrgUsageDaily,
-    OrgUsageHourly,
-    Pool,
-    ScopeUsage15m,
-    ScopeUsageDaily,
-    UsageEvent,
-)
+from .models import Pool, UsageEvent
 from .pricing import PriceBook
 
 DEFAULT_CHUNK = 50_000
-
-# SQL twin of aggregates.latency_bucket: ceil(ln(ms) / ln(gamma) - 1e-9), 0 up to 1 ms.
-# float8 ln() is the C library's log(), like Python's math.log, so the two agree exactly
-# (tests/metering/test_bulk.py compares them over every value up to 10^6 and beyond).
-LATENCY_BUCKET_SQL = (
-    "CASE WHEN {col} <= 1 THEN 0 "
-    f"ELSE ceil(ln(({{col}})::float8) / ln({LATENCY_GAMMA}::float8) - 1e-9)::int END"
-)
-_EPOCH_SQL = "floor(extract(epoch FROM {col}))::bigint"
 
 # The columns of the inserted-rows table (and of RETURNING): what the roll-ups need.
 _NEW_COLUMNS = FACT_FIELDS
@@ -195,116 +158,6 @@ def _prepare_session(cursor) -> None:
     cursor.execute("TRUNCATE bulk_staging, bulk_new")
 
 
-def _rollup_sql() -> list[str]:
-    epoch = _EPOCH_SQL.format(col='"timestamp"')
-    bucket = f"({epoch} - {epoch} % {BUCKET_SECONDS})"
-    hour = f"({epoch} - {epoch} % {HOUR_SECONDS})"
-    day = f"({epoch} - {epoch} % {DAY_SECONDS})"
-    measures = (
-        "count(*), sum(input_tokens), sum(cached_input_tokens), sum(cache_write_tokens), "
-        "sum(output_tokens), sum(reasoning_tokens), sum(quantity), sum(cost_nanos), "
-        "sum(latency_ms), max(latency_ms), "
-        f"count(*) FILTER (WHERE cost_source = '{CostSource.UNPRICED.value}')"
-    )
-
-    def upsert(table: str, keys: list[str], key_exprs: list[str], cols: tuple, values: str):
-        update = ", ".join(
-            f"{_q(m)} = GREATEST({table}.{_q(m)}, EXCLUDED.{_q(m)})"
-            if m == "latency_ms_max"
-            else f"{_q(m)} = {table}.{_q(m)} + EXCLUDED.{_q(m)}"
-            for m in cols
-        )
-        n = len(keys)
-        positions = ", ".join(str(i + 1) for i in range(n))
-        return (
-            f"INSERT INTO {table} ({', '.join(_q(k) for k in keys)}, "
-            f"{', '.join(_q(m) for m in cols)}) "
-            f"SELECT {', '.join(key_exprs)}, {values} FROM bulk_new "
-            f"GROUP BY {positions} ORDER BY {positions} "
-            f"ON CONFLICT ({', '.join(_q(k) for k in keys)}) DO UPDATE SET {update}"
-        )
-
-    def key_exprs(keys, time_expr):
-        exprs = {"bucket": time_expr, "model": "model", "operation": "operation"}
-        exprs |= {"status_code": "status_code", "assistant": "assistant", "workflow": "workflow"}
-        exprs["organization_id"] = "organization_id"
-        return [exprs.get(k, f"coalesce({k}, 0)") for k in keys]
-
-    usage = [
-        upsert(_q(model._meta.db_table), list(keys), key_exprs(keys, time_expr), MEASURES, measures)
-        for model, keys, time_expr in (
-            (OrgUsage15m, ORG_KEYS, bucket),
-            (OrgUsageHourly, ORG_KEYS, hour),
-            (OrgUsageDaily, ORG_KEYS, day),
-            (ScopeUsage15m, SCOPE_KEYS, bucket),
-            (ScopeUsageDaily, SCOPE_KEYS, day),
-        )
-    ]
-    actor_values = f"{measures}, count(*) FILTER (WHERE status_code >= 400)"
-    actors = [
-        upsert(
-            _q(model._meta.db_table),
-            list(ACTOR_KEYS),
-            key_exprs(ACTOR_KEYS, time_expr),
-            ACTOR_MEASURES,
-            actor_values,
-        )
-        for model, time_expr in ((OrgActorHourly, hour), (OrgActorDaily, day))
-    ]
-    hists = [
-        upsert(
-            _q(model._meta.db_table),
-            list(HIST_KEYS),
-            [
-                "organization_id",
-                time_expr,
-                "operation",
-                LATENCY_BUCKET_SQL.format(col="latency_ms"),
-            ],
-            ("count",),
-            "count(*)",
-        )
-        for model, time_expr in ((LatencyHistogramHourly, hour), (LatencyHistogramDaily, day))
-    ]
-    scope_hist = upsert(
-        _q(LatencyHistogramScopeDaily._meta.db_table),
-        list(SCOPE_HIST_KEYS),
-        [
-            "organization_id",
-            day,
-            "coalesce(team_id, 0)",
-            "coalesce(project_id, 0)",
-            "coalesce(api_token_id, 0)",
-            "coalesce(user_id, 0)",
-            "operation",
-            LATENCY_BUCKET_SQL.format(col="latency_ms"),
-        ],
-        ("count",),
-        "count(*)",
-    )
-    spend_table = _q(BudgetSpend15m._meta.db_table)
-    subjects = " UNION ALL ".join(
-        f"SELECT organization_id, '{subject}' AS subject, {column} AS subject_id, "
-        f"{bucket} AS bucket, cost_nanos FROM bulk_new WHERE cost_nanos <> 0"
-        + (f" AND {column} IS NOT NULL" if column != "organization_id" else "")
-        for subject, column in (
-            ("org", "organization_id"),
-            ("user", "user_id"),
-            ("team", "team_id"),
-            ("project", "project_id"),
-            ("token", "api_token_id"),
-        )
-    )
-    spend = (
-        f"INSERT INTO {spend_table} (organization_id, subject, subject_id, bucket, cost_nanos) "
-        f"SELECT organization_id, subject, subject_id, bucket, sum(cost_nanos) FROM ({subjects}) s "
-        "GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4 "
-        "ON CONFLICT (organization_id, subject, subject_id, bucket) "
-        f"DO UPDATE SET cost_nanos = {spend_table}.cost_nanos + EXCLUDED.cost_nanos"
-    )
-    return [*usage, *actors, *hists, scope_hist, spend]
-
-
 def _insert_sql() -> str:
     table = _q(UsageEvent._meta.db_table)
     columns = ", ".join(_q(c) for c in EVENT_COLUMNS)
@@ -346,7 +199,7 @@ def load_chunk(rows: list[tuple]) -> int:
         cursor.execute(_insert_sql())
         inserted = cursor.rowcount
         if inserted:
-            for sql in _rollup_sql():
+            for sql in rollup_sql("bulk_new"):
                 cursor.execute(sql)
         cursor.execute("TRUNCATE bulk_staging, bulk_new")
     return max(inserted, 0)

@@ -30,7 +30,7 @@ from accounts.models import (
     User,
 )
 
-from .aggregates import rollups_add
+from .aggregates import FACT_FIELDS, rollup_sql, rollups_add
 from .budgets import budgets_after_ingest
 from .models import (
     NANOS_PER_USD,
@@ -524,8 +524,10 @@ def _row(event: CleanEvent, organization_id: int, token_id: int | None, now: dat
 _INSERT_CHUNK = 500
 
 
-def _insert_new(rows: list[tuple]) -> set[str]:
-    """INSERT ... ON CONFLICT DO NOTHING; returns the request ids that were new."""
+def _insert_new(rows: list[tuple]) -> tuple[set[str], bool]:
+    """INSERT ... ON CONFLICT DO NOTHING; returns (the request ids that were new, whether
+    the roll-ups and budget spend counters were updated for them in the same statement).
+    """
     table = UsageEvent._meta.db_table
     quote = connection.ops.quote_name
     columns = ", ".join(quote(c) for c in EVENT_COLUMNS)
@@ -534,19 +536,28 @@ def _insert_new(rows: list[tuple]) -> set[str]:
     inserted: set[str] = set()
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
-            # One statement for the whole batch: a column array each, unnested in
-            # request_id order. It plans once and makes one round trip, where pipelined
-            # single-row statements (or a 16,000-placeholder VALUES list) cost more than
-            # the inserts themselves.
+            # One statement for the whole batch: the events from a column array each,
+            # unnested in request_id order, and every roll-up and spend counter from the
+            # rows that insert really returned (aggregates.rollup_sql, one data-modifying
+            # WITH query per table, keys in order). One plan and one round trip, and no
+            # roll-up rows built and sent from Python.
             fields = [UsageEvent._meta.get_field(c) for c in EVENT_COLUMNS]
             arrays = ", ".join(f"%s::{f.db_type(connection)}[]" for f in fields)
+            facts = ", ".join(quote(c) for c in FACT_FIELDS)
+            counted = ", ".join(
+                f"r{i} AS ({sql.replace('%', '%%')})"  # modulo, not a placeholder
+                for i, sql in enumerate(rollup_sql("ins"))
+            )
             cursor.execute(
-                f"INSERT INTO {quote(table)} ({columns}) SELECT {columns} FROM unnest({arrays}) "
-                f"WITH ORDINALITY AS r({columns}, _n) ORDER BY _n{conflict}",
+                f"WITH ins AS (INSERT INTO {quote(table)} ({columns}) SELECT {columns} "
+                f"FROM unnest({arrays}) WITH ORDINALITY AS r({columns}, _n) ORDER BY _n "
+                f"ON CONFLICT (organization_id, request_id) DO NOTHING "
+                f"RETURNING request_id, {facts}), {counted} "
+                "SELECT request_id FROM ins",
                 [list(column) for column in zip(*rows, strict=True)],
             )
             inserted.update(r[0] for r in cursor.fetchall())
-            return inserted
+            return inserted, True
         for start in range(0, len(rows), _INSERT_CHUNK):
             chunk = rows[start : start + _INSERT_CHUNK]
             sql = (
@@ -557,7 +568,7 @@ def _insert_new(rows: list[tuple]) -> set[str]:
             params = [_adapt(value) for row in chunk for value in row]
             cursor.execute(sql, params)
             inserted.update(r[0] for r in cursor.fetchall())
-    return inserted
+    return inserted, False
 
 
 def _adapt(value):
@@ -597,11 +608,17 @@ def ingest_batch(
             result.rejected.extend(_resolve(candidates, organization, token))
             token_id = token.id if token else None
             rows = [_row(e, organization.id, token_id, now) for e in candidates]
-            inserted = _insert_new(rows) if rows else set()
+            inserted, counted = _insert_new(rows) if rows else (set(), True)
             new_events = [e for e in candidates if e.request_id in inserted]
             pools_categorise(organization=organization, events=new_events)
-            rollups_add(organization.id, token_id, new_events)
-            budgets_after_ingest(organization=organization, token_id=token_id, events=new_events)
+            if not counted:
+                rollups_add(organization.id, token_id, new_events)
+            budgets_after_ingest(
+                organization=organization,
+                token_id=token_id,
+                events=new_events,
+                spend_counted=counted,
+            )
         result.accepted = len(new_events)
         result.duplicates += len(candidates) - len(new_events)
         result.accepted_events = new_events

@@ -13,8 +13,8 @@ import pytest
 from django.core.management import call_command
 from django.db import connection
 
-from metering.aggregates import latency_bucket, reconcile_day
-from metering.bulk import LATENCY_BUCKET_SQL, bulk_load, rows_from_events
+from metering.aggregates import LATENCY_BUCKET_SQL, latency_bucket, reconcile_day
+from metering.bulk import bulk_load, rows_from_events
 from metering.models import (
     BudgetSpend15m,
     LatencyHistogramHourly,

@@ -115,10 +115,12 @@ def test_reingesting_through_the_service_is_a_no_op(org, service_token):
 
 
 def test_a_failure_while_counting_leaves_nothing_half_stored(org, service_token, monkeypatch):
-    def broken_rollups(*args, **kwargs):
+    # The budget step runs last, after the events, roll-ups and spend counters were
+    # written (on PostgreSQL all in one statement): failing there must undo them all.
+    def broken_budgets(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("metering.ingest.rollups_add", broken_rollups)
+    monkeypatch.setattr("metering.ingest.budgets_after_ingest", broken_budgets)
 
     with pytest.raises(RuntimeError):
         ingest(org, [event_payload(user="brand.new@example.test") for _ in range(5)])
