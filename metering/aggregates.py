@@ -11,6 +11,8 @@ docs/architecture.md):
   log-latency bucket (org-wide p95),
 - LatencyHistogramScopeDaily: org x UTC day x team x project x token x user x operation
   x log-latency bucket (p95 for partial scopes and scope filters),
+- LatencyHistogramModelDaily: org x UTC day x team x model x operation x log-latency
+  bucket (p95 under a model filter, with or without a team filter),
 - OrgActorHourly / OrgActorDaily: org x hour or day x user x token x assistant x
   workflow (org-wide active users, assistants, workflows, top users, ranked tokens).
 
@@ -33,6 +35,7 @@ from .models import (
     CostSource,
     LatencyHistogramDaily,
     LatencyHistogramHourly,
+    LatencyHistogramModelDaily,
     LatencyHistogramScopeDaily,
     OrgActorDaily,
     OrgActorHourly,
@@ -82,6 +85,7 @@ ACTOR_KEYS = ("organization_id", "bucket", "user_id", "api_token_id", "assistant
 # The actor roll-up has no status column, so it counts failed requests itself.
 ACTOR_MEASURES = (*MEASURES, "failed_requests")
 HIST_KEYS = ("organization_id", "bucket", "operation", "latency_bucket")
+MODEL_HIST_KEYS = ("organization_id", "bucket", "team_id", "model", "operation", "latency_bucket")
 SCOPE_HIST_KEYS = (
     "organization_id",
     "bucket",
@@ -185,6 +189,7 @@ ROLLUPS = (
     Rollup(LatencyHistogramHourly, HIST_KEYS, ("count",), "latency histogram (hour)"),
     Rollup(LatencyHistogramDaily, HIST_KEYS, ("count",), "latency histogram (day)"),
     Rollup(LatencyHistogramScopeDaily, SCOPE_HIST_KEYS, ("count",), "scope latency histogram"),
+    Rollup(LatencyHistogramModelDaily, MODEL_HIST_KEYS, ("count",), "model latency histogram"),
     Rollup(OrgActorHourly, ACTOR_KEYS, ACTOR_MEASURES, "actor roll-up (hour)"),
     Rollup(OrgActorDaily, ACTOR_KEYS, ACTOR_MEASURES, "actor roll-up (day)"),
 )
@@ -209,6 +214,7 @@ def compute_rollups(facts: Iterable[EventFacts]) -> dict[type, dict[tuple, list[
     hist_rows: dict[tuple, list[int]] = defaultdict(lambda: [0])
     scope_hist_rows: dict[tuple, list[int]] = defaultdict(lambda: [0])
     actor_rows: dict[tuple, list[int]] = defaultdict(lambda: [0] * len(ACTOR_MEASURES))
+    model_hist_rows: dict[tuple, list[int]] = defaultdict(lambda: [0])
     for f in facts:
         ts = epoch(f.timestamp)
         bucket = ts - ts % BUCKET_SECONDS
@@ -243,6 +249,7 @@ def compute_rollups(facts: Iterable[EventFacts]) -> dict[type, dict[tuple, list[
             lb,
         )
         scope_hist_rows[scope_hist_key][0] += 1
+        model_hist_rows[(f.organization_id, day, f.team_id or 0, f.model, f.operation, lb)][0] += 1
         actor_key = (
             f.organization_id,
             hour,
@@ -263,6 +270,7 @@ def compute_rollups(facts: Iterable[EventFacts]) -> dict[type, dict[tuple, list[
         LatencyHistogramHourly: hist_rows,
         LatencyHistogramDaily: _fold(hist_rows, DAY_SECONDS),
         LatencyHistogramScopeDaily: scope_hist_rows,
+        LatencyHistogramModelDaily: model_hist_rows,
         OrgActorHourly: actor_rows,
         OrgActorDaily: _fold(actor_rows, DAY_SECONDS),
     }
@@ -458,6 +466,20 @@ def rollup_sql(source: str) -> list[str]:
         ("count",),
         "count(*)",
     )
+    model_hist = upsert(
+        _q(LatencyHistogramModelDaily._meta.db_table),
+        list(MODEL_HIST_KEYS),
+        [
+            "organization_id",
+            day,
+            "coalesce(team_id, 0)",
+            "model",
+            "operation",
+            LATENCY_BUCKET_SQL.format(col="latency_ms"),
+        ],
+        ("count",),
+        "count(*)",
+    )
     spend_table = _q(BudgetSpend15m._meta.db_table)
     subjects = " UNION ALL ".join(
         f"SELECT organization_id, '{subject}' AS subject, {column} AS subject_id, "
@@ -478,7 +500,7 @@ def rollup_sql(source: str) -> list[str]:
         "ON CONFLICT (organization_id, subject, subject_id, bucket) "
         f"DO UPDATE SET cost_nanos = {spend_table}.cost_nanos + EXCLUDED.cost_nanos"
     )
-    return [*usage, *actors, *hists, scope_hist, spend]
+    return [*usage, *actors, *hists, scope_hist, model_hist, spend]
 
 
 # ---------------------------------------------------------------------------------------

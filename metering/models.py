@@ -467,6 +467,30 @@ class LatencyHistogramScopeDaily(models.Model):  # noqa: DJ008
         ]
 
 
+class LatencyHistogramModelDaily(models.Model):  # noqa: DJ008
+    """The latency histogram per organization, UTC day, team, model and operation.
+
+    It serves p95 under a model filter (alone, or with a team filter whose teams the
+    viewer sees whole: an org admin, or a team lead on their own team), which the other
+    histograms cannot tell apart and raw events answer by sorting every call of the model.
+    Missing team ids are 0.
+    """
+
+    pk = models.CompositePrimaryKey(
+        "organization", "bucket", "team_id", "model", "operation", "latency_bucket"
+    )
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE)
+    bucket = models.BigIntegerField()  # UTC day start, epoch seconds
+    team_id = models.BigIntegerField()
+    model = models.CharField(max_length=200)
+    operation = models.CharField(max_length=20)
+    latency_bucket = models.SmallIntegerField()
+    count = models.BigIntegerField(default=0)
+
+    class Meta:
+        db_table = "metering_latency_hist_model_daily"
+
+
 # ---------------------------------------------------------------------------------------
 # Budgets, spend alerts and resource pools (SPEC section 5)
 

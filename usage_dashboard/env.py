@@ -56,6 +56,11 @@ def database_from_url(url: str) -> dict:
     if not name:
         raise ImproperlyConfigured("DATABASE_URL must name a database, e.g. postgres://host/usage")
     options = {key: values[-1] for key, values in parse_qs(parsed.query).items()}
+    if not env_bool("DATABASE_JIT", False):
+        # PostgreSQL's JIT pays off for minutes-long analytics; the dashboard's reads take
+        # milliseconds, and a plan with many branches (one per time range) spent seconds
+        # compiling. Off for this application's sessions unless DATABASE_JIT=1.
+        options["options"] = f"{options.get('options', '')} -c jit=off".strip()
     return {
         "ENGINE": "django.db.backends.postgresql",
         "NAME": name,

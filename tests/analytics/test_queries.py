@@ -511,12 +511,55 @@ def test_user_filtered_p95_from_the_scoped_histogram_is_within_5_percent(autumn,
     assert abs(estimate - _exact_p95(values)) <= 0.05 * _exact_p95(values)
 
 
-def test_model_filtered_p95_is_exact(autumn):
-    # The histograms have no model dimension: a model filter sorts raw events, exactly.
+def test_model_filtered_p95_comes_from_the_model_histogram_within_5_percent(autumn, monkeypatch):
+    # A model filter, alone or with a team the viewer sees whole (an org admin; a team
+    # lead on their own team), reads the org x day x team x model histogram.
     start = PERIODS["autumn"] + timedelta(hours=3)
     end = start + timedelta(days=2)
-    sel = _org_selection(autumn, start, end, models=("gpt-4o",))
-    values = [e.latency_ms for e in _raw_events(autumn, start, end, model="gpt-4o")]
+    team = autumn.platform_team
+    lead_scope = viewer_scope(autumn.team_lead)
+    assert team.id in lead_scope.team_ids
+    monkeypatch.setattr("analytics.queries._raw_percentile", _no_raw_percentile)
+    cases = [
+        (_org_selection(autumn, start, end, models=("gpt-4o",)), {"model": "gpt-4o"}),
+        (
+            _org_selection(autumn, start, end, models=("gpt-4o-mini",), team_ids=(team.id,)),
+            {"model": "gpt-4o-mini", "team": team},
+        ),
+        (
+            Selection(
+                scope=lead_scope,
+                start=start,
+                end=end,
+                org_ids=(autumn.org.id,),
+                team_ids=(team.id,),
+                models=("gpt-4o",),
+            ),
+            {"model": "gpt-4o", "team": team},
+        ),
+    ]
+    for sel, raw_filters in cases:
+        values = [e.latency_ms for e in _raw_events(autumn, start, end, **raw_filters)]
+        exact = _exact_p95(values)
+
+        got = latency_percentile(sel, 0.95)
+
+        assert values and abs(got - exact) <= 0.05 * exact, (raw_filters, got, exact)
+
+
+def test_a_model_filter_within_a_partial_scope_is_exact_from_raw_events(autumn):
+    # A project admin's model filter: the model histogram has no project, user or token
+    # column, so raw events answer, exactly.
+    start = PERIODS["autumn"] + timedelta(hours=3)
+    end = start + timedelta(days=2)
+    scope = viewer_scope(autumn.project_admin)
+    sel = Selection(scope=scope, start=start, end=end, org_ids=(autumn.org.id,), models=("gpt-4o",))
+    values = [
+        e.latency_ms
+        for e in visible_events(autumn.project_admin).filter(
+            organization=autumn.org, timestamp__gte=start, timestamp__lt=end, model="gpt-4o"
+        )
+    ]
 
     assert values
     assert latency_percentile(sel, 0.95) == _exact_p95(values)
@@ -547,6 +590,32 @@ def test_team_latency_series_per_local_day_from_the_daily_histogram(autumn, tz, 
         return real_quantile(values, q)
 
     monkeypatch.setattr("analytics.queries._quantile_sorted", no_raw_sort)
+
+    series = latency_series(sel, Bucketing(DAY, tz))
+
+    assert set(series) == set(by_day)
+    for key, values in by_day.items():
+        exact = _exact_p95(values)
+        assert abs(series[key][1] - exact) <= 0.05 * exact, (key, series[key][1], exact)
+
+
+@pytest.mark.parametrize("tz", [UTC_ZONE, BERLIN, KOLKATA], ids=str)
+def test_org_latency_series_per_local_day_moves_pieces_from_the_hourly_histogram(
+    autumn, tz, monkeypatch
+):
+    # An org admin's chart reads whole UTC days from the daily histogram; a Berlin day's
+    # other hour comes from the hourly one, a Kolkata day's half hours from raw events.
+    start = PERIODS["autumn"] + timedelta(hours=3, minutes=7)
+    end = start + timedelta(days=3)
+    sel = _org_selection(autumn, start, end)
+    by_day = defaultdict(list)
+    for e in _raw_events(autumn, start, end):
+        by_day[_local_bucket(e.timestamp, tz, DAY)].append(e.latency_ms)
+
+    def no_raw_series(*args):
+        raise AssertionError("the whole range was read from raw events")
+
+    monkeypatch.setattr("analytics.queries._raw_series", no_raw_series)
 
     series = latency_series(sel, Bucketing(DAY, tz))
 
