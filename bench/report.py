@@ -244,11 +244,14 @@ def markdown(report: dict) -> str:
             lines += [
                 "",
                 "The database's own `INSERT ... ON CONFLICT DO NOTHING RETURNING` (500 rows "
-                "per transaction, same table; the ratio above uses the faster method): "
+                "per transaction, same table; the ratio above uses the fastest): "
                 f"psycopg executemany {db.get('executemany_new_events_per_s', '?'):,} new / "
                 f"{db.get('executemany_duplicate_events_per_s', '?'):,} duplicate events/s; "
                 f"one statement unnesting column arrays {db.get('unnest_new_events_per_s', '?'):,}"
-                f" new / {db.get('unnest_duplicate_events_per_s', '?'):,} duplicate events/s.",
+                f" new / {db.get('unnest_duplicate_events_per_s', '?'):,} duplicate events/s; "
+                "the same from 4 connections at once "
+                f"{db.get('unnest_4_connections_new_events_per_s', '?'):,} new events/s. "
+                f"gunicorn workers: {report.get('gunicorn_workers', '?')}.",
             ]
         lines.append("")
     if report.get("export"):
