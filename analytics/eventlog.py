@@ -539,11 +539,17 @@ def about(n: int) -> str:
 def count_events(flt: EventLogFilter, cap: int | None = None) -> LogCount:
     """Exact up to `cap`; beyond, the roll-ups' count when they can answer, else a floor."""
     cap = COUNT_CAP if cap is None else cap
+    selection = flt.selection() if not flt.raw_only else None
+    if selection is not None:
+        # The roll-ups answer first (a few rows): a large selection is then never counted
+        # row by row, and only a small one is counted exactly from its events.
+        estimate = totals(selection).requests
+        if estimate > cap:
+            return LogCount(estimate, "estimate")
     seen = bounded_count(flt.qs, cap)
     if seen <= cap:
         return LogCount(seen, "exact")
-    selection = flt.selection()
-    if selection is not None and not flt.raw_only:
+    if selection is not None:
         return LogCount(totals(selection).requests, "estimate")
     return LogCount(cap, "at_least")
 

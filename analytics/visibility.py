@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from django.db.models import BigIntegerField, Q, QuerySet, Value
 
 from accounts.models import ApiToken, Membership, Organization, Project, Role, Team, User
-from metering.models import ScopeUsage15m, ScopeUsageDaily, UsageEvent
+from metering.models import ScopeKeyDaily, ScopeUsage15m, UsageEvent
 
 # The role column's value for rows of owned API tokens in viewer_scope's one query.
 _OWNED_ROLE = "owned token"
@@ -174,13 +174,13 @@ def visible_organizations(user) -> QuerySet[Organization]:
     return Organization.objects.filter(id__in=ids)
 
 
-def _partial_scope_usage(scope: Scope) -> QuerySet[ScopeUsageDaily] | None:
-    """Wide roll-up rows of the parts of `scope` that are not whole organizations.
+def _partial_scope_usage(scope: Scope) -> QuerySet[ScopeKeyDaily] | None:
+    """Scope-key rows (which team, project, user and token sent events on a day) of the
+    parts of `scope` that are not whole organizations.
 
     Option lists take whole organizations from memberships (cheap) and only look up usage
-    for team / project / own / own-token scopes, through the roll-up's per-dimension
-    indexes, instead of scanning a whole organization's usage; the daily roll-up holds
-    every event, in about a quarter of the 15-minute one's rows.
+    for team / project / own / own-token scopes, in the small scope-key roll-up, instead
+    of scanning a whole organization's usage.
     """
     partial = Scope(
         team_ids=scope.team_ids,
@@ -194,7 +194,7 @@ def _partial_scope_usage(scope: Scope) -> QuerySet[ScopeUsageDaily] | None:
     )
     # The organization leads every roll-up index: naming it lets each part of the
     # scope use its own index.
-    return ScopeUsageDaily.objects.filter(_rollup_scope_q(partial), organization_id__in=reach)
+    return ScopeKeyDaily.objects.filter(_rollup_scope_q(partial), organization_id__in=reach)
 
 
 def visible_teams(user) -> QuerySet[Team]:

@@ -13,6 +13,8 @@ docs/architecture.md):
   x log-latency bucket (p95 for partial scopes and scope filters),
 - LatencyHistogramModelDaily: org x UTC day x team x model x operation x log-latency
   bucket (p95 under a model filter, with or without a team filter),
+- ScopeKeyDaily: org x UTC day x team x project x user x token (option lists of
+  partial scopes),
 - OrgActorHourly / OrgActorDaily: org x hour or day x user x token x assistant x
   workflow (org-wide active users, assistants, workflows, top users, ranked tokens).
 
@@ -42,6 +44,7 @@ from .models import (
     OrgUsage15m,
     OrgUsageDaily,
     OrgUsageHourly,
+    ScopeKeyDaily,
     ScopeUsage15m,
     ScopeUsageDaily,
 )
@@ -85,6 +88,7 @@ ACTOR_KEYS = ("organization_id", "bucket", "user_id", "api_token_id", "assistant
 # The actor roll-up has no status column, so it counts failed requests itself.
 ACTOR_MEASURES = (*MEASURES, "failed_requests")
 HIST_KEYS = ("organization_id", "bucket", "operation", "latency_bucket")
+SCOPE_KEY_KEYS = ("organization_id", "bucket", "team_id", "project_id", "user_id", "api_token_id")
 MODEL_HIST_KEYS = ("organization_id", "bucket", "team_id", "model", "operation", "latency_bucket")
 SCOPE_HIST_KEYS = (
     "organization_id",
@@ -190,6 +194,7 @@ ROLLUPS = (
     Rollup(LatencyHistogramDaily, HIST_KEYS, ("count",), "latency histogram (day)"),
     Rollup(LatencyHistogramScopeDaily, SCOPE_HIST_KEYS, ("count",), "scope latency histogram"),
     Rollup(LatencyHistogramModelDaily, MODEL_HIST_KEYS, ("count",), "model latency histogram"),
+    Rollup(ScopeKeyDaily, SCOPE_KEY_KEYS, ("requests",), "scope keys (day)"),
     Rollup(OrgActorHourly, ACTOR_KEYS, ACTOR_MEASURES, "actor roll-up (hour)"),
     Rollup(OrgActorDaily, ACTOR_KEYS, ACTOR_MEASURES, "actor roll-up (day)"),
 )
@@ -215,6 +220,7 @@ def compute_rollups(facts: Iterable[EventFacts]) -> dict[type, dict[tuple, list[
     scope_hist_rows: dict[tuple, list[int]] = defaultdict(lambda: [0])
     actor_rows: dict[tuple, list[int]] = defaultdict(lambda: [0] * len(ACTOR_MEASURES))
     model_hist_rows: dict[tuple, list[int]] = defaultdict(lambda: [0])
+    scope_key_rows: dict[tuple, list[int]] = defaultdict(lambda: [0])
     for f in facts:
         ts = epoch(f.timestamp)
         bucket = ts - ts % BUCKET_SECONDS
@@ -250,6 +256,7 @@ def compute_rollups(facts: Iterable[EventFacts]) -> dict[type, dict[tuple, list[
         )
         scope_hist_rows[scope_hist_key][0] += 1
         model_hist_rows[(f.organization_id, day, f.team_id or 0, f.model, f.operation, lb)][0] += 1
+        scope_key_rows[scope_hist_key[:6]][0] += 1  # org, day, team, project, token, user
         actor_key = (
             f.organization_id,
             hour,
@@ -271,6 +278,10 @@ def compute_rollups(facts: Iterable[EventFacts]) -> dict[type, dict[tuple, list[
         LatencyHistogramDaily: _fold(hist_rows, DAY_SECONDS),
         LatencyHistogramScopeDaily: scope_hist_rows,
         LatencyHistogramModelDaily: model_hist_rows,
+        ScopeKeyDaily: {
+            (org, day, team, project, user, token): n
+            for (org, day, team, project, token, user), n in scope_key_rows.items()
+        },
         OrgActorHourly: actor_rows,
         OrgActorDaily: _fold(actor_rows, DAY_SECONDS),
     }
@@ -480,6 +491,13 @@ def rollup_sql(source: str) -> list[str]:
         ("count",),
         "count(*)",
     )
+    scope_keys = upsert(
+        _q(ScopeKeyDaily._meta.db_table),
+        list(SCOPE_KEY_KEYS),
+        key_exprs(SCOPE_KEY_KEYS, day),
+        ("requests",),
+        "count(*)",
+    )
     spend_table = _q(BudgetSpend15m._meta.db_table)
     subjects = " UNION ALL ".join(
         f"SELECT organization_id, '{subject}' AS subject, {column} AS subject_id, "
@@ -500,7 +518,7 @@ def rollup_sql(source: str) -> list[str]:
         "ON CONFLICT (organization_id, subject, subject_id, bucket) "
         f"DO UPDATE SET cost_nanos = {spend_table}.cost_nanos + EXCLUDED.cost_nanos"
     )
-    return [*usage, *actors, *hists, scope_hist, model_hist, spend]
+    return [*usage, *actors, *hists, scope_hist, model_hist, scope_keys, spend]
 
 
 # ---------------------------------------------------------------------------------------

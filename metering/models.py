@@ -396,6 +396,31 @@ class OrgActorDaily(OrgActorRollup):  # noqa: DJ008
         db_table = "metering_org_actor_daily"
 
 
+class ScopeKeyDaily(models.Model):  # noqa: DJ008
+    """Which (team, project, user, API token) combinations sent events on a UTC day, and
+    how many: the columns of the visibility predicate and nothing else.
+
+    Serves the filter bar's option lists for partial scopes (the teams, projects, people
+    and tokens a team lead, project admin or member has seen usage of) in a few thousand
+    rows, where the wide roll-up holds a row per model, status, assistant and workflow
+    as well. Missing ids are 0.
+    """
+
+    pk = models.CompositePrimaryKey(
+        "organization", "bucket", "team_id", "project_id", "user_id", "api_token_id"
+    )
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE)
+    bucket = models.BigIntegerField()  # UTC day start, epoch seconds
+    team_id = models.BigIntegerField()
+    project_id = models.BigIntegerField()
+    user_id = models.BigIntegerField()
+    api_token_id = models.BigIntegerField()
+    requests = models.BigIntegerField(default=0)
+
+    class Meta:
+        db_table = "metering_scope_key_daily"
+
+
 class LatencyHistogramOrg(models.Model):
     """Counts of events per log-spaced latency bucket, per organization, time bucket and
     operation. p95 is read from here for org-wide views: the buckets grow by

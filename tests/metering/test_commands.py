@@ -313,3 +313,22 @@ def test_the_model_histogram_migration_fills_it_from_stored_events(demo):
     migration.backfill(apps, SimpleNamespace(connection=connection))
 
     assert sorted(LatencyHistogramModelDaily.objects.values_list("pk", "count")) == written
+
+
+def test_the_scope_key_migration_fills_it_from_stored_events(demo):
+    import importlib
+    from types import SimpleNamespace
+
+    from django.apps import apps
+    from django.db import connection
+
+    from metering.models import ScopeKeyDaily
+
+    migration = importlib.import_module("metering.migrations.0010_scope_key_daily")
+    written = sorted(ScopeKeyDaily.objects.values_list("pk", "requests"))
+    assert len(written) > 1
+    ScopeKeyDaily.objects.all().delete()
+
+    migration.backfill(apps, SimpleNamespace(connection=connection))
+
+    assert sorted(ScopeKeyDaily.objects.values_list("pk", "requests")) == written
