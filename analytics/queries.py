@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from itertools import pairwise
 from zoneinfo import ZoneInfo
 
@@ -42,7 +43,7 @@ from django.db.models import (
 from django.db.models.expressions import RawSQL
 from django.db.models.functions import TruncMinute
 
-from metering.aggregates import MEASURES, latency_bucket, latency_bucket_value
+from metering.aggregates import LATENCY_BUCKET_SQL, MEASURES, latency_bucket, latency_bucket_value
 from metering.models import (
     BUCKET_SECONDS,
     CostSource,
@@ -213,6 +214,13 @@ def _offset_segments(tz: ZoneInfo, start: int, end: int) -> list[tuple[int, int]
 _OFFSETS: dict[tuple[str, int], int] = {}
 
 
+@lru_cache(maxsize=65536)
+def _local_day_start(tz: ZoneInfo, local_day: int) -> int:
+    """UTC epoch of local midnight starting day number `local_day` in `tz`."""
+    day = datetime(1970, 1, 1) + timedelta(days=local_day)
+    return int(day.replace(tzinfo=tz).timestamp())
+
+
 @dataclass(frozen=True)
 class Bucketing:
     """Local time buckets of `width` seconds in zone `tz`.
@@ -240,8 +248,7 @@ class Bucketing:
         return (epoch + sub) // self.width * self.width - sub
 
     def _day_start(self, local_day: int) -> int:
-        day = datetime(1970, 1, 1) + timedelta(days=local_day)
-        return int(day.replace(tzinfo=self.tz).timestamp())
+        return _local_day_start(self.tz, local_day)
 
     def expression(self, column: str, start: int, end: int):
         """SQL expression mapping an epoch column to a bucket id (see key_from_sql)."""
@@ -959,14 +966,34 @@ def _quantile_sorted(values: list[int], q: float) -> float | None:
     return float(values[rank - 1])
 
 
+def _latency_index_sql():
+    """The latency bucket of a raw event, in SQL where the database has ln() (PostgreSQL:
+    aggregates.LATENCY_BUCKET_SQL, equal to aggregates.latency_bucket), else None."""
+    if connection.vendor != "postgresql":
+        return None
+    column = f'"{UsageEvent._meta.db_table}"."latency_ms"'
+    return RawSQL(  # noqa: S611 - constant SQL, no user input
+        LATENCY_BUCKET_SQL.format(col=column), [], output_field=BigIntegerField()
+    )
+
+
 def _piece_latencies(raw_qs: QuerySet, pieces: list[tuple[int, int]]):
-    """(piece index, operation, latency ms, events) of the raw events in each [a, b)
+    """(piece index, operation, latency bucket, events) of the raw events in each [a, b)
     piece: one statement, a UNION ALL of one indexed time range per piece (an OR of the
     ranges would keep the planner from using the time column of the scope's indexes)."""
+    index = _latency_index_sql()
+    if index is None:
+        counts: dict[tuple, int] = defaultdict(int)
+        for i, (a, b) in enumerate(pieces):
+            for in_range in _range_qs(((a, b),)):
+                rows = raw_qs.filter(in_range).values_list("operation", "latency_ms")
+                for operation, latency in rows:
+                    counts[(i, operation, latency_bucket(latency))] += 1
+        return [(*key, n) for key, n in counts.items()]
     branches = [
         raw_qs.filter(in_range)
-        .annotate(_piece=Value(i, output_field=BigIntegerField()))
-        .values_list("_piece", "operation", "latency_ms")
+        .annotate(_piece=Value(i, output_field=BigIntegerField()), _index=index)
+        .values_list("_piece", "operation", "_index")
         .annotate(n=Count("id"))
         .order_by()
         for i, (a, b) in enumerate(pieces)
@@ -984,6 +1011,36 @@ def _finer_histogram_grains(sel: Selection, grain: int) -> tuple[int, ...]:
     family = _hist_family(sel)
     tiers = HIST_FAMILIES[family] if family else ()
     return tuple(g for g, _model in tiers if g < grain)
+
+
+def _raw_edge_counts(parts: list[QuerySet]):
+    """(quarter-hour epoch, operation, latency bucket, events) of raw querysets: grouped
+    in SQL on PostgreSQL (one UNION ALL statement), row by row elsewhere."""
+    if connection.vendor != "postgresql":
+        counts: dict[tuple, int] = defaultdict(int)
+        for part in parts:
+            rows = part.values_list("timestamp", "operation", "latency_ms")
+            for ts, operation, latency in rows.iterator(chunk_size=5000):
+                epoch = _epoch(ts)
+                counts[(epoch - epoch % BUCKET_SECONDS, operation, latency_bucket(latency))] += 1
+        return [(*key, n) for key, n in counts.items()]
+    table = UsageEvent._meta.db_table
+    epoch = f'floor(extract(epoch FROM "{table}"."timestamp"))::bigint'
+    quarter = RawSQL(  # noqa: S611 - constant SQL, no user input
+        f"({epoch} - {epoch} %% {BUCKET_SECONDS})", [], output_field=BigIntegerField()
+    )
+    index = _latency_index_sql()
+    branches = [
+        part.annotate(_quarter=quarter, _index=index)
+        .values_list("_quarter", "operation", "_index")
+        .annotate(n=Count("id"))
+        .order_by()
+        for part in parts
+    ]
+    if not branches:
+        return []
+    first, *rest = branches
+    return first.union(*rest, all=True) if rest else first
 
 
 def _hist_series(
@@ -1052,18 +1109,16 @@ def _hist_series(
                     count((group, target), row["latency_bucket"], row["n"])
         raw_qs = UsageEvent.objects.filter(_event_filters(sel))
         pieces = [(a, b) for _home, _target, a, b in raw_pieces]
-        for piece, operation, latency, n in _piece_latencies(raw_qs, pieces):
+        for piece, operation, index, n in _piece_latencies(raw_qs, pieces):
             if operation in group_of:
                 home_key, target, _a, _b = raw_pieces[piece]
-                index, group = latency_bucket(latency), group_of[operation]
+                group = group_of[operation]
                 count((group, home_key), index, -n)  # its row counted them at home
                 count((group, target), index, n)
-    for part in plan.raw_querysets(sel):
-        rows = part.values_list("timestamp", "operation", "latency_ms")
-        for ts, operation, latency in rows.iterator(chunk_size=5000):
-            if operation in group_of:
-                key = (group_of[operation], bucketing.key_of(_epoch(ts)))
-                count(key, latency_bucket(latency), 1)
+    for quarter, operation, index, n in _raw_edge_counts(plan.raw_querysets(sel)):
+        if operation in group_of:
+            # Chart buckets start on quarter hours: a quarter lies within one of them.
+            count((group_of[operation], bucketing.key_of(quarter)), index, n)
     out: dict[str, dict[int, float | None]] = defaultdict(dict)
     for (group, key), counts in per_bucket.items():
         out[group][key] = _percentile_from_histogram(counts, q)
