@@ -524,6 +524,28 @@ def _row(event: CleanEvent, organization_id: int, token_id: int | None, now: dat
 _INSERT_CHUNK = 500
 
 
+def insert_and_count_sql() -> str:
+    """PostgreSQL: insert a batch (one array parameter per EVENT_COLUMNS column) and count
+    the rows really inserted in every roll-up and spend counter; returns their ids."""
+    quote = connection.ops.quote_name
+    table = quote(UsageEvent._meta.db_table)
+    columns = ", ".join(quote(c) for c in EVENT_COLUMNS)
+    fields = [UsageEvent._meta.get_field(c) for c in EVENT_COLUMNS]
+    arrays = ", ".join(f"%s::{f.db_type(connection)}[]" for f in fields)
+    facts = ", ".join(quote(c) for c in FACT_FIELDS)
+    counted = ", ".join(
+        f"r{i} AS ({sql.replace('%', '%%')})"  # modulo, not a placeholder
+        for i, sql in enumerate(rollup_sql("ins"))
+    )
+    return (
+        f"WITH ins AS (INSERT INTO {table} ({columns}) SELECT {columns} "
+        f"FROM unnest({arrays}) WITH ORDINALITY AS r({columns}, _n) ORDER BY _n "
+        f"ON CONFLICT (organization_id, request_id) DO NOTHING "
+        f"RETURNING request_id, {facts}), {counted} "
+        "SELECT request_id FROM ins"
+    )
+
+
 def _insert_new(rows: list[tuple]) -> tuple[set[str], bool]:
     """INSERT ... ON CONFLICT DO NOTHING; returns (the request ids that were new, whether
     the roll-ups and budget spend counters were updated for them in the same statement).
@@ -541,20 +563,8 @@ def _insert_new(rows: list[tuple]) -> tuple[set[str], bool]:
             # rows that insert really returned (aggregates.rollup_sql, one data-modifying
             # WITH query per table, keys in order). One plan and one round trip, and no
             # roll-up rows built and sent from Python.
-            fields = [UsageEvent._meta.get_field(c) for c in EVENT_COLUMNS]
-            arrays = ", ".join(f"%s::{f.db_type(connection)}[]" for f in fields)
-            facts = ", ".join(quote(c) for c in FACT_FIELDS)
-            counted = ", ".join(
-                f"r{i} AS ({sql.replace('%', '%%')})"  # modulo, not a placeholder
-                for i, sql in enumerate(rollup_sql("ins"))
-            )
             cursor.execute(
-                f"WITH ins AS (INSERT INTO {quote(table)} ({columns}) SELECT {columns} "
-                f"FROM unnest({arrays}) WITH ORDINALITY AS r({columns}, _n) ORDER BY _n "
-                f"ON CONFLICT (organization_id, request_id) DO NOTHING "
-                f"RETURNING request_id, {facts}), {counted} "
-                "SELECT request_id FROM ins",
-                [list(column) for column in zip(*rows, strict=True)],
+                insert_and_count_sql(), [list(column) for column in zip(*rows, strict=True)]
             )
             inserted.update(r[0] for r in cursor.fetchall())
             return inserted, True
