@@ -69,12 +69,13 @@ def token_authenticate(secret: str, *, scope: str) -> ApiToken | None:
     """The active token with this secret and scope, or None. Updates last_used_at lazily."""
     if not secret or not secret.startswith(TOKEN_PREFIX) or len(secret) > 200:
         return None
-    token = (
+    # On every API call: no ORDER BY (the hash is unique), only the relations callers use.
+    found = list(
         ApiToken.objects.active()
-        .select_related("organization", "owner", "default_team", "default_project")
-        .filter(secret_hash=hash_secret(secret))
-        .first()
+        .select_related("organization", "owner")
+        .filter(secret_hash=hash_secret(secret))[:1]
     )
+    token = found[0] if found else None
     if token is None or not token.has_scope(scope):
         return None
     now = timezone.now()
