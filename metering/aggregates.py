@@ -613,3 +613,52 @@ def reconcile_days(org_id: int, since: int | None = None) -> tuple[list[int], li
         events = events.filter(timestamp__gte=datetime.fromtimestamp(since, UTC))
     days |= {epoch(d) for d in events.datetimes("timestamp", "day", tzinfo=UTC)}
     return sorted(days), []
+
+
+# ---------------------------------------------------------------------------------------
+# Repair
+
+
+def rebuild_day(org_id: int, day_start: int) -> None:
+    """Recompute one organization's roll-ups and spend counters for one UTC day from its
+    raw events (after check_aggregates found drift, or after events were removed).
+
+    Every roll-up's buckets are a day or finer, so a UTC day's rows hold exactly that
+    day's events: delete them and count the day again, in one transaction.
+    """
+    from datetime import UTC, datetime
+
+    from django.db import transaction
+
+    from .budgets import budget_spend_rebuild
+    from .models import UsageEvent
+
+    day_end = day_start + DAY_SECONDS
+    start, end = (datetime.fromtimestamp(t, UTC) for t in (day_start, day_end))
+    with transaction.atomic():
+        for rollup in ROLLUPS:
+            rollup.model.objects.filter(
+                organization_id=org_id, bucket__gte=day_start, bucket__lt=day_end
+            ).delete()
+        events = UsageEvent.objects.filter(
+            organization_id=org_id, timestamp__gte=start, timestamp__lt=end
+        )
+        if connection.vendor != "postgresql":
+            facts = (EventFacts(*row) for row in events.values_list(*FACT_FIELDS).iterator())
+            write_rollups(compute_rollups(facts))
+            budget_spend_rebuild(organization_id=org_id, start=day_start, end=day_end)
+            return
+        BudgetSpend15m.objects.filter(
+            organization_id=org_id, bucket__gte=day_start, bucket__lt=day_end
+        ).delete()
+        # The day's events as the source of the same SQL ingestion runs (all values are
+        # integers and instants computed here, never input).
+        table = _q(UsageEvent._meta.db_table)
+        source = (
+            f"(SELECT * FROM {table} WHERE organization_id = {int(org_id)} "
+            f"AND \"timestamp\" >= '{start.isoformat()}' "
+            f"AND \"timestamp\" < '{end.isoformat()}') AS day_events"
+        )
+        with connection.cursor() as cursor:
+            for sql in rollup_sql(source):
+                cursor.execute(sql)

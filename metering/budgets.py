@@ -257,14 +257,24 @@ _ROLLUP_COLUMNS = {
 
 
 @transaction.atomic
-def budget_spend_rebuild(*, organization_id: int) -> int:
-    """Recompute an organization's spend counters from the wide roll-up.
+def budget_spend_rebuild(
+    *, organization_id: int, start: int | None = None, end: int | None = None
+) -> int:
+    """Recompute an organization's spend counters from the wide roll-up (only buckets in
+    [start, end) when given).
 
     For code that rewrites event costs (repricing) or a check after a migration; the
     ingest path keeps the counters right without it. Returns the rows written.
     """
-    BudgetSpend15m.objects.filter(organization_id=organization_id).delete()
-    source = ScopeUsage15m.objects.filter(organization_id=organization_id, cost_nanos__gt=0)
+    window = {}
+    if start is not None:
+        window["bucket__gte"] = start
+    if end is not None:
+        window["bucket__lt"] = end
+    BudgetSpend15m.objects.filter(organization_id=organization_id, **window).delete()
+    source = ScopeUsage15m.objects.filter(
+        organization_id=organization_id, cost_nanos__gt=0, **window
+    )
     rows = [
         (organization_id, BudgetSubject.ORGANIZATION.value, organization_id, r["bucket"], r["c"])
         for r in source.values("bucket").annotate(c=Sum("cost_nanos")).order_by("bucket")

@@ -332,3 +332,30 @@ def test_the_scope_key_migration_fills_it_from_stored_events(demo):
     migration.backfill(apps, SimpleNamespace(connection=connection))
 
     assert sorted(ScopeKeyDaily.objects.values_list("pk", "requests")) == written
+
+
+def test_rebuild_aggregates_repairs_drift_and_forgets_removed_events(personas):
+    from metering.models import BudgetSpend15m
+
+    ingest(personas.org, [event_payload() for _ in range(30)], token=personas.service_token)
+    totals_before = sum(OrgUsage15m.objects.values_list("requests", flat=True))
+    spend_before = sorted(BudgetSpend15m.objects.values_list("pk", "cost_nanos"))
+    OrgUsage15m.objects.update(requests=F("requests") + 5)  # drift
+    assert check_aggregates()[0] == 1
+
+    run("rebuild_aggregates", "--org", "alpha")
+
+    assert check_aggregates()[0] == 0
+    assert sum(OrgUsage15m.objects.values_list("requests", flat=True)) == totals_before
+    assert sorted(BudgetSpend15m.objects.values_list("pk", "cost_nanos")) == spend_before
+    UsageEvent.objects.filter(pk__in=UsageEvent.objects.values("pk")[:10]).delete()
+
+    run("rebuild_aggregates", "--org", "alpha", "--since-days", "2")
+
+    assert check_aggregates()[0] == 0
+    assert sum(OrgUsage15m.objects.values_list("requests", flat=True)) == totals_before - 10
+    assert sum(
+        BudgetSpend15m.objects.filter(subject="org").values_list("cost_nanos", flat=True)
+    ) == sum(
+        UsageEvent.objects.filter(organization=personas.org).values_list("cost_nanos", flat=True)
+    )
