@@ -17,8 +17,10 @@ call). Answer:
                   "remaining_usd": "37.6600", "resets_at": "2026-12-01T00:00:00+01:00"}]}
 
 `allowed` is false when any listed budget is used up (spent >= limit). Amounts are
-decimal strings (exact). Cost: the token lookup, then one query for the subject, one
-for the budgets and one indexed range sum over BudgetSpend15m for all of them.
+decimal strings (exact). Cost: one indexed range sum over BudgetSpend15m for all the
+budgets; who the token is, who the call counts against and which budgets apply are
+remembered for CHECK_CACHE_SECONDS (metering.check_cache: any change to them is seen by
+the next call), else looked up in four queries.
 """
 
 from django.db.models import CharField, Q
@@ -38,6 +40,7 @@ from .budgets import (
     budgets_visible_q,
     zone_of,
 )
+from .check_cache import CheckConfig, config_get, config_key, config_set
 from .models import Budget, nanos_to_usd
 
 # Only what the answer needs: a lean query (the check runs before every model call).
@@ -165,9 +168,9 @@ def _budget_json(status: BudgetStatus) -> dict:
     }
 
 
-@require_GET
-def budgets_check(request):
-    token = token_authenticate(bearer_secret(request), scope=TokenScope.READ)
+def _check_config(request, secret: str) -> CheckConfig | JsonResponse:
+    """Everything the answer needs but the spend, or the error answer."""
+    token = token_authenticate(secret, scope=TokenScope.READ)
     if token is None:
         return _error(
             401, "Send an API token with the 'read' scope as 'Authorization: Bearer <token>'."
@@ -204,6 +207,21 @@ def budgets_check(request):
     )
     for budget in budgets:
         budget.organization = token.organization  # every budget here is the token's org's
+    return CheckConfig(token=token, budgets=tuple(budgets))
+
+
+@require_GET
+def budgets_check(request):
+    # Who, which budgets: remembered between calls (check_cache); the spend: read now.
+    secret = bearer_secret(request)
+    key = config_key(secret, request.META.get("QUERY_STRING", ""))
+    config = config_get(key)
+    if config is None:
+        config = _check_config(request, secret)
+        if isinstance(config, JsonResponse):
+            return config
+        config_set(key, config)
+    budgets = list(config.budgets)
     now = timezone.now()
     spend = budgets_spend(budgets, now)
     statuses = [BudgetStatus(b, spend[b.id][0], spend[b.id][1], now) for b in budgets]

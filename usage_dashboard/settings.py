@@ -211,6 +211,9 @@ INTEGRATION_MAX_BYTES = env_int("INTEGRATION_MAX_BYTES", 32 * 1024 * 1024)
 # Django must let the body through so the views can answer 413 themselves.
 DATA_UPLOAD_MAX_MEMORY_SIZE = max(INGEST_MAX_BYTES, INTEGRATION_MAX_BYTES) + 1024 * 1024
 INGEST_RATE_LIMIT_PER_MINUTE = env_int("INGEST_RATE_LIMIT_PER_MINUTE", 1200)
+# The budget check API remembers who a token is and which budgets apply for this long
+# (any change to them is seen at once, metering.check_cache); 0 turns that off.
+CHECK_CACHE_SECONDS = env_int("CHECK_CACHE_SECONDS", 30)
 
 # Events log CSV exports: above this many rows an export runs as a background task and
 # is written under EXPORTS_DIR (kept a day) instead of streaming in the request.

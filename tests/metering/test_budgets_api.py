@@ -206,10 +206,64 @@ def test_paused_budgets_do_not_count(client, personas, world):
 
 
 def test_a_check_costs_a_handful_of_indexed_queries(
-    client, personas, world, django_assert_max_num_queries
+    client, personas, world, django_assert_max_num_queries, settings
 ):
+    settings.CHECK_CACHE_SECONDS = 0  # every lookup, as on a first call
     check(client, personas.service_token, user="member@example.test")  # last_used_at written
     # Token, subject (memberships), budgets, one spend sum for all of them.
     with django_assert_max_num_queries(4):
         response = check(client, personas.service_token, user="member@example.test")
+    assert len(response.json()["budgets"]) == 4
+
+
+def test_a_repeated_check_reads_only_the_spend_and_sees_new_spend_at_once(
+    client, personas, world, django_assert_num_queries
+):
+    first = check(client, personas.service_token, user="member@example.test")
+    ingest(
+        personas.org,
+        [spend_event("2", user="member@example.test", timestamp=datetime.now(UTC))],
+        token=personas.member_token,
+    )
+
+    with django_assert_num_queries(1):  # the spend sum; who and which budgets: remembered
+        again = check(client, personas.service_token, user="member@example.test")
+
+    mine = ("user", "member@example.test")
+    assert scopes(first)[mine]["spent_usd"] == "4.000000000"
+    assert scopes(again)[mine]["spent_usd"] == "6.000000000"
+
+
+def test_a_remembered_check_sees_revocations_role_and_budget_changes_at_once(
+    client, personas, world
+):
+    lead = ApiTokenFactory(organization=personas.org, owner=personas.team_lead, scopes=["read"])
+    assert ("team", "Platform") in scopes(check(client, lead, team="platform"))
+    assert check(client, personas.service_token, user="member@example.test").status_code == 200
+
+    world["platform"].is_active = False  # a budget paused
+    world["platform"].save()
+    assert ("team", "Platform") not in scopes(check(client, lead, team="platform"))
+
+    personas.team_lead.memberships.filter(role=Role.TEAM_LEAD).delete()  # a role removed
+    assert check(client, lead, team="platform").status_code == 404
+
+    from accounts.tokens import token_revoke
+
+    token_revoke(token=personas.service_token)  # a token revoked
+    assert check(client, personas.service_token, user="member@example.test").status_code == 401
+
+
+def test_the_check_answers_when_the_cache_is_down(client, personas, world, monkeypatch):
+    from django.core.cache import cache
+
+    def down(*args, **kwargs):
+        raise ConnectionError("cache down")
+
+    for name in ("get", "set", "add", "incr"):
+        monkeypatch.setattr(cache, name, down)
+
+    response = check(client, personas.service_token, user="member@example.test")
+
+    assert response.status_code == 200
     assert len(response.json()["budgets"]) == 4
