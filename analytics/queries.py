@@ -894,6 +894,14 @@ def _wanted_groups(sel: Selection, groups: dict[str, tuple[str, ...]]) -> dict:
     return {name: ops for name, ops in wanted.items() if ops}
 
 
+def _union_all(branches: list[QuerySet]):
+    """One UNION ALL statement of querysets of the same columns (nothing for none)."""
+    if not branches:
+        return []
+    first, *rest = branches
+    return first.union(*rest, all=True) if rest else first
+
+
 def _raw_latency_counts(parts: list[QuerySet]):
     """(operation, latency ms, events) over raw querysets: one UNION ALL statement of one
     GROUP BY per part (each part one indexed time range)."""
@@ -901,10 +909,7 @@ def _raw_latency_counts(parts: list[QuerySet]):
         part.values_list("operation", "latency_ms").annotate(n=Count("id")).order_by()
         for part in parts
     ]
-    if not branches:
-        return []
-    first, *rest = branches
-    return first.union(*rest, all=True) if rest else first
+    return _union_all(branches)
 
 
 def _hist_percentiles(
@@ -1000,10 +1005,7 @@ def _piece_latencies(raw_qs: QuerySet, pieces: list[tuple[int, int]]):
         if a < b
         for in_range in _range_qs(((a, b),))
     ]
-    if not branches:
-        return []
-    first, *rest = branches
-    return first.union(*rest, all=True) if rest else first
+    return _union_all(branches)
 
 
 def _finer_histogram_grains(sel: Selection, grain: int) -> tuple[int, ...]:
@@ -1037,10 +1039,7 @@ def _raw_edge_counts(parts: list[QuerySet]):
         .order_by()
         for part in parts
     ]
-    if not branches:
-        return []
-    first, *rest = branches
-    return first.union(*rest, all=True) if rest else first
+    return _union_all(branches)
 
 
 def _hist_series(

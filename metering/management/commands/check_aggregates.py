@@ -1,9 +1,7 @@
-from datetime import UTC, datetime, timedelta
+from django.core.management.base import BaseCommand
 
-from django.core.management.base import BaseCommand, CommandError
-
-from accounts.models import Organization
 from metering.aggregates import reconcile_day, reconcile_days
+from metering.management.selection import organizations, since_day
 
 
 class Command(BaseCommand):
@@ -17,15 +15,8 @@ class Command(BaseCommand):
         parser.add_argument("--max-report", type=int, default=50, help="mismatches to print")
 
     def handle(self, *args, org, since_days, max_report, **options):
-        orgs = Organization.objects.order_by("id")
-        if org:
-            orgs = orgs.filter(slug=org)
-            if not orgs.exists():
-                raise CommandError(f"No organization with slug {org!r}.")
-        since = None
-        if since_days:
-            start = datetime.now(UTC) - timedelta(days=since_days)
-            since = int(start.timestamp()) - int(start.timestamp()) % 86400
+        orgs = organizations(org)
+        since = since_day(since_days)
         problems: list[str] = []
         for organization in orgs:
             days, extra = reconcile_days(organization.id, since)

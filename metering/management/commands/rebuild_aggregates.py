@@ -1,9 +1,7 @@
-from datetime import UTC, datetime, timedelta
+from django.core.management.base import BaseCommand
 
-from django.core.management.base import BaseCommand, CommandError
-
-from accounts.models import Organization
 from metering.aggregates import rebuild_day, reconcile_days
+from metering.management.selection import organizations, since_day
 
 
 class Command(BaseCommand):
@@ -17,15 +15,8 @@ class Command(BaseCommand):
         parser.add_argument("--since-days", type=int, help="only the last N days")
 
     def handle(self, *args, org, since_days, **options):
-        orgs = Organization.objects.order_by("id")
-        if org:
-            orgs = orgs.filter(slug=org)
-            if not orgs.exists():
-                raise CommandError(f"No organization with slug {org!r}.")
-        since = None
-        if since_days:
-            start = datetime.now(UTC) - timedelta(days=since_days)
-            since = int(start.timestamp()) - int(start.timestamp()) % 86400
+        orgs = organizations(org)
+        since = since_day(since_days)
         total = 0
         for organization in orgs:
             days, _ = reconcile_days(organization.id, since)
