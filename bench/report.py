@@ -229,7 +229,8 @@ def markdown(report: dict) -> str:
         lines.append("")
     if report.get("ingest"):
         lines += [
-            "## Ingestion over HTTP (gunicorn -w 2, batches of 500)",
+            f"## Ingestion over HTTP (gunicorn, {report.get('gunicorn_workers', '?')} workers, "
+            "batches of 500)",
             "",
             "| clients | events | events/s | p50 batch ms | p95 batch ms |",
             "|---:|---|---:|---:|---:|",
