@@ -640,18 +640,10 @@ def top(sel: Selection, dim: str, n: int = 5, by: str = "total_tokens") -> list[
     return heapq.nlargest(n, items, key=lambda item: (getattr(item[1], by), str(item[0])))
 
 
-def distinct_count(sel: Selection, column: str) -> int:
-    """How many distinct non-empty values of `column` (user_id, assistant, workflow)."""
-    return len(distinct_values(sel, column))
-
-
 def distinct_counts(sel: Selection, columns: tuple[str, ...]) -> dict[str, int]:
-    """`distinct_count` of several columns, from one read of each source."""
+    """How many distinct non-empty values of each of `columns` (user_id, assistant,
+    workflow), from one read of each source."""
     return {column: len(values) for column, values in distinct_values_many(sel, columns).items()}
-
-
-def distinct_values(sel: Selection, column: str) -> set:
-    return distinct_values_many(sel, (column,))[column]
 
 
 def distinct_values_many(sel: Selection, columns: tuple[str, ...]) -> dict[str, set]:
@@ -733,9 +725,7 @@ def _hist_family(sel: Selection) -> str | None:
         whole = sel.scope.covers_whole_orgs(sel.org_ids)
         own_teams = bool(sel.team_ids) and set(sel.team_ids) <= sel.scope.team_ids
         return "model" if whole or own_teams else None
-    if not sel.needs_scope_dims and sel.scope.covers_whole_orgs(sel.org_ids):
-        return "org"
-    return "scope"
+    return "org" if _whole_orgs(sel) else "scope"
 
 
 @dataclass(frozen=True)
@@ -885,8 +875,8 @@ def _all_operations(sel: Selection) -> tuple[str, ...]:
 
 
 def _wanted_groups(sel: Selection, groups: dict[str, tuple[str, ...]]) -> dict:
-    """The groups' operations within the selection's operation filter (empty ones left
-    out), and the selection narrowed to all of them."""
+    """The groups' operations within the selection's operation filter (groups left
+    empty by it are dropped)."""
     wanted = {
         name: tuple(o for o in ops if not sel.operations or o in sel.operations)
         for name, ops in groups.items()
@@ -902,16 +892,6 @@ def _union_all(branches: list[QuerySet]):
     return first.union(*rest, all=True) if rest else first
 
 
-def _raw_latency_counts(parts: list[QuerySet]):
-    """(operation, latency ms, events) over raw querysets: one UNION ALL statement of one
-    GROUP BY per part (each part one indexed time range)."""
-    branches = [
-        part.values_list("operation", "latency_ms").annotate(n=Count("id")).order_by()
-        for part in parts
-    ]
-    return _union_all(branches)
-
-
 def _hist_percentiles(
     sel: Selection, plan: _HistogramPlan, group_of: dict[str, str], q: float
 ) -> dict[str, float | None]:
@@ -923,9 +903,9 @@ def _hist_percentiles(
         for row in grouped:
             if row["operation"] in group_of:
                 counts[group_of[row["operation"]]][row["latency_bucket"]] += row["n"]
-    for operation, latency, n in _raw_latency_counts(plan.raw_querysets(sel)):
+    for _quarter, operation, index, n in _raw_edge_counts(plan.raw_querysets(sel)):
         if operation in group_of:
-            counts[group_of[operation]][latency_bucket(latency)] += n
+            counts[group_of[operation]][index] += n
     return {
         name: _percentile_from_histogram(counts.get(name, {}), q) for name in set(group_of.values())
     }

@@ -122,16 +122,8 @@ def _rollup_scope_q(scope: Scope) -> Q:
     if scope.everything:
         return Q()
     q = Q(bucket__lt=0)  # buckets are epoch seconds: never negative
-    if scope.org_ids:
-        q |= Q(organization_id__in=scope.org_ids)
-    if scope.team_ids:
-        q |= Q(team_id__in=scope.team_ids)
-    if scope.project_ids:
-        q |= Q(project_id__in=scope.project_ids)
-    if scope.user_id:
-        q |= Q(user_id=scope.user_id)
-    if scope.token_ids:
-        q |= Q(api_token_id__in=scope.token_ids)
+    for part in scope_parts(scope):
+        q |= part
     return q
 
 
