@@ -288,6 +288,8 @@ def compute_rollups(facts: Iterable[EventFacts]) -> dict[type, dict[tuple, list[
 
 
 def _upsert(model, keys: tuple, measures: tuple, rows: list[tuple]) -> None:
+    """Multi-row VALUES upserts: the Python path (SQLite). PostgreSQL counts events in
+    SQL from the inserted rows themselves (rollup_sql)."""
     if not rows:
         return
     table = model._meta.db_table
@@ -303,18 +305,6 @@ def _upsert(model, keys: tuple, measures: tuple, rows: list[tuple]) -> None:
     column_list = ", ".join(quote(c) for c in columns)
     conflict = f" ON CONFLICT ({', '.join(quote(k) for k in keys)}) DO UPDATE SET {updates}"
     with connection.cursor() as cursor:
-        if connection.vendor == "postgresql":
-            # One statement per table: a column array each, unnested in key order (see
-            # write_rollups). Short to plan, one round trip, whatever the row count.
-            types = [model._meta.get_field(c).db_type(connection) for c in columns]
-            arrays = ", ".join(f"%s::{t}[]" for t in types)
-            cursor.execute(
-                f"INSERT INTO {quote(table)} ({column_list}) "
-                f"SELECT {column_list} FROM unnest({arrays}) WITH ORDINALITY "
-                f"AS r({column_list}, _n) ORDER BY _n{conflict}",
-                [list(column) for column in zip(*rows, strict=True)],
-            )
-            return
         placeholders = "(" + ", ".join(["%s"] * len(columns)) + ")"
         chunk_size = max(1, 30000 // len(columns))
         for start in range(0, len(rows), chunk_size):
@@ -624,7 +614,9 @@ def rebuild_day(org_id: int, day_start: int) -> None:
     raw events (after check_aggregates found drift, or after events were removed).
 
     Every roll-up's buckets are a day or finer, so a UTC day's rows hold exactly that
-    day's events: delete them and count the day again, in one transaction.
+    day's events: delete them and count the day again, in one transaction. Pool usage
+    (PoolUsage15m, PoolCounter) is not recounted: how an event split between allocation
+    and surplus depended on the events before it.
     """
     from datetime import UTC, datetime
 
