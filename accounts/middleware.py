@@ -9,8 +9,14 @@ def viewer_timezone_name(user) -> str:
         return "UTC"
     if user.timezone:
         return user.timezone
-    membership = user.memberships.select_related("organization").order_by("id").first()
-    return membership.organization.timezone if membership else "UTC"
+    # Asked several times per request (middleware, filter, widgets): look it up once
+    # per user object, which lives as long as the request.
+    cached = getattr(user, "_org_timezone_name", None)
+    if cached is None:
+        membership = user.memberships.select_related("organization").order_by("id").first()
+        cached = membership.organization.timezone if membership else "UTC"
+        user._org_timezone_name = cached
+    return cached
 
 
 class ViewerTimezoneMiddleware:

@@ -217,6 +217,12 @@ class UsageFilter(django_filters.FilterSet):
         return self._period
 
     def selected_org(self) -> Organization | None:
+        """The chosen organization, or the viewer's only one (looked up once)."""
+        if not hasattr(self, "_selected_org"):
+            self._selected_org = self._find_selected_org()
+        return self._selected_org
+
+    def _find_selected_org(self) -> Organization | None:
         if self.is_valid():
             org = self.form.cleaned_data.get("org")
             if org is not None:

@@ -34,6 +34,7 @@ class Scope:
     user_id: int | None = None  # own events
     token_ids: frozenset[int] = frozenset()  # tokens the viewer owns
     member_org_ids: frozenset[int] = frozenset()  # every organization the viewer belongs to
+    token_org_ids: frozenset[int] = frozenset()  # organizations of the tokens they own
 
     def covers_whole_orgs(self, org_ids) -> bool:
         """True when, within `org_ids`, the viewer sees every event (narrow roll-ups apply)."""
@@ -52,7 +53,7 @@ def viewer_scope(user) -> Scope:
     elif user.is_platform_admin:
         scope = Scope(everything=True, user_id=user.id)
     else:
-        orgs, teams, projects, member_orgs, tokens = set(), set(), set(), set(), set()
+        orgs, teams, projects, member_orgs, tokens, token_orgs = (set() for _ in range(6))
         # One round trip for both: every page, partial and API call starts here.
         memberships = (
             Membership.objects.filter(user=user)
@@ -62,16 +63,16 @@ def viewer_scope(user) -> Scope:
         owned = (
             ApiToken.objects.filter(owner=user)
             .annotate(
-                _org=Value(None, output_field=BigIntegerField()),
                 _role=Value(_OWNED_ROLE),
                 _project=Value(None, output_field=BigIntegerField()),
             )
-            .values_list("_org", "_role", "id", "_project")
+            .values_list("organization_id", "_role", "id", "_project")
             .order_by()
         )
         for org_id, role, team_id, project_id in memberships.union(owned, all=True).order_by():
             if role == _OWNED_ROLE:
                 tokens.add(team_id)  # the token's id, in the third column
+                token_orgs.add(org_id)
                 continue
             member_orgs.add(org_id)
             if role == Role.ORG_ADMIN:
@@ -87,6 +88,7 @@ def viewer_scope(user) -> Scope:
             user_id=user.id,
             token_ids=frozenset(tokens),
             member_org_ids=frozenset(member_orgs),
+            token_org_ids=frozenset(token_orgs),
         )
     if getattr(user, "is_authenticated", False):
         user._usage_scope = scope
@@ -180,10 +182,7 @@ def _partial_scope_usage(scope: Scope) -> QuerySet[ScopeKeyDaily] | None:
         user_id=scope.user_id,
         token_ids=scope.token_ids,
     )
-    reach = set(scope.member_org_ids) - set(scope.org_ids)
-    reach |= set(
-        ApiToken.objects.filter(id__in=scope.token_ids).values_list("organization_id", flat=True)
-    )
+    reach = (set(scope.member_org_ids) - set(scope.org_ids)) | set(scope.token_org_ids)
     # The organization leads every roll-up index: naming it lets each part of the
     # scope use its own index.
     return ScopeKeyDaily.objects.filter(_rollup_scope_q(partial), organization_id__in=reach)

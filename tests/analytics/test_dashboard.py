@@ -384,3 +384,24 @@ def test_dashboard_has_a_shortcut_to_my_spending(client, personas):
     html = client.get("/dashboard/").content.decode()
     assert 'href="/spending/"' in html
     assert client.get("/spending/").status_code == 200
+
+
+@pytest.mark.parametrize("persona", ["org_admin", "member"])
+def test_a_widget_partial_looks_up_the_viewer_once(client, world, persona):
+    """Scope, organization and time zone are resolved once per request, however many
+    option lists and helpers ask for them."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    client.force_login(getattr(world, persona))
+    with CaptureQueriesContext(connection) as queries:
+        response = client.get("/dashboard/widgets/requests/?period=30d")
+    assert response.status_code == 200
+    sql = [q["sql"] for q in queries.captured_queries]
+    membership_reads = [s for s in sql if 'FROM "accounts_membership"' in s]
+    token_reads = [s for s in sql if 'FROM "accounts_apitoken"' in s]
+    org_reads = [s for s in sql if s.startswith('SELECT "accounts_organization"')]
+    # One read of the scope (memberships UNION owned tokens), one of the zone's fallback.
+    assert len(membership_reads) <= 2, membership_reads
+    assert not [s for s in token_reads if s not in membership_reads], token_reads
+    assert len(org_reads) <= 1, org_reads

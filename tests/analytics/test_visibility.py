@@ -224,3 +224,31 @@ def test_org_admin_option_lists_cover_the_organization(world):
     assert world.secret_team not in visible_teams(admin)
     assert {world.service_token, world.member_token} <= set(visible_tokens(admin))
     assert world.outsider_token not in visible_tokens(admin)
+
+
+def test_a_token_owned_in_another_organization_reaches_its_usage_there(world):
+    """A person owns a token of an organization they hold no role in: the gate shows the
+    token's events and the teams and people on them, and no other event of that
+    organization."""
+    from tests.factories import ApiTokenFactory
+
+    admin = world.org_admin
+    token = ApiTokenFactory(organization=world.other_org, name="side key", owner=admin)
+    result = ingest(
+        world.other_org,
+        [event_payload(request_id="side-key-call", user="side@example.test", team="secret-team")],
+        token=token,
+    )
+    assert not result.rejected
+    admin = _fresh(admin)
+
+    scope = viewer_scope(admin)
+    assert world.other_org.id in scope.token_org_ids
+    assert world.other_org.id not in scope.member_org_ids
+    beta_ids = set(
+        visible_events_in(admin, [world.other_org.id]).values_list("request_id", flat=True)
+    )
+    assert beta_ids == {"side-key-call"}
+    assert world.secret_team in set(visible_teams(admin))
+    assert User.objects.get(email="side@example.test") in set(visible_users(admin))
+    assert world.outsider not in set(visible_users(admin))
