@@ -405,15 +405,6 @@ def _raw_aggregates() -> dict:
     }
 
 
-def _grouped_rows(qs: QuerySet, values: list[str], aggregates: dict) -> list[dict]:
-    """GROUP BY `values`, or one plain aggregate row when there is nothing to group by
-    (`.values()` with no fields would group by every column)."""
-    if not values:
-        row = qs.aggregate(**aggregates)
-        return [row] if row.get("t_requests") else []
-    return list(qs.values(*values).annotate(**aggregates).order_by())
-
-
 def _to_totals(row: dict) -> Totals:
     return Totals(**{name: int(row.get(f"t_{name}") or 0) for name in Totals.__dataclass_fields__})
 
@@ -510,18 +501,54 @@ def _range_qs(ranges) -> list[Q]:
 def _raw_grouped_ranges(
     sel: Selection, ranges, dims: tuple[str, ...], bucketing: Bucketing | None
 ) -> Grouped:
-    """Raw totals over several time ranges (the two edges of a range), one query each."""
+    """Raw totals over several time ranges (the two edges of a range): one UNION ALL
+    statement of one indexed query per range."""
     out = Grouped(dims)
+    # With no dimension, group by the organization: a GROUP BY the sums do not depend on,
+    # so every branch has the same columns (and an empty range gives no row).
+    values = list(dims) or ["organization_id"]
+    branches = []
     for in_range in _range_qs(ranges):
         qs = UsageEvent.objects.filter(_event_filters(sel)).filter(in_range)
-        values = list(dims)
+        fields = values
         if bucketing is not None:
             qs = qs.annotate(_minute=TruncMinute("timestamp", tzinfo=UTC))
-            values.append("_minute")
-        for row in _grouped_rows(qs, values, _raw_aggregates()):
-            key_time = bucketing.key_of(_epoch(row["_minute"])) if bucketing else None
-            out.add((key_time, *(row[d] for d in dims)), _to_totals(row))
+            fields = [*values, "_minute"]
+        branches.append(qs.values(*fields).annotate(**_raw_aggregates()).order_by())
+    for row in _union_all(branches):
+        key_time = bucketing.key_of(_epoch(row["_minute"])) if bucketing else None
+        out.add((key_time, *(row[d] for d in dims)), _to_totals(row))
     return out
+
+
+class _TierReads:
+    """Roll-up reads of one family answered by one UNION ALL statement: each read is
+    grouped by the dimensions and a time key of its own (`_k`), tagged with its place
+    (`_part`), and its rows go to its own handler."""
+
+    def __init__(self, family: str, dims: tuple[str, ...]):
+        self.family = family
+        self.dims = dims
+        self.fields = list(dims) or ["organization_id"]
+        self.branches: list[QuerySet] = []
+        self.handlers: list = []
+
+    def add(self, qs: QuerySet, key, on_row) -> None:
+        qs = qs.annotate(
+            _part=Value(len(self.branches), output_field=BigIntegerField()),
+            _k=key if key is not None else Value(0, output_field=BigIntegerField()),
+        )
+        self.branches.append(
+            qs.values(*self.fields, "_part", "_k")
+            .annotate(**_rollup_aggregates(self.family))
+            .order_by()
+        )
+        self.handlers.append(on_row)
+
+    def run(self) -> None:
+        for row in _union_all(self.branches):
+            group = tuple(_rollup_value(d, row[d]) for d in self.dims)
+            self.handlers[row["_part"]](row, group, _to_totals(row))
 
 
 _memo: ContextVar[dict | None] = ContextVar("usage_query_memo", default=None)
@@ -571,21 +598,18 @@ def _grouped_totals(sel: Selection, dims: tuple[str, ...], bucketing: Bucketing 
     else:
         reads, raw_ranges = _plan_tiers(grains, start, end, None)
     out = _raw_grouped_ranges(sel, raw_ranges, dims, bucketing)
-    values = list(dims)
+    tiers = _TierReads(family, dims)
 
     def rows(grain: int) -> QuerySet:
         return _rollup_rows(sel, family, grain)
 
-    def add_rows(qs: QuerySet, extra: str | None, key_of, sign: int = 1) -> None:
-        fields = [*values, extra] if extra else values
-        for row in _grouped_rows(qs, fields, _rollup_aggregates(family)):
-            group = tuple(_rollup_value(d, row[d]) for d in dims)
-            out.add((key_of(row), *group), _to_totals(row), sign)
+    def at(key_of, sign: int = 1):
+        return lambda row, group, totals: out.add((key_of(row), *group), totals, sign)
 
     for grain, a, b in reads:
         qs = rows(grain).filter(bucket__gte=a, bucket__lt=b)
         if bucketing is None:
-            add_rows(qs, None, lambda row: None)
+            tiers.add(qs, None, at(lambda row: None))
             continue
         aligned = bucketing.aligned(grain, a, b)
         split = None if aligned else _split_rows(bucketing, a, b, grain)
@@ -593,14 +617,14 @@ def _grouped_totals(sel: Selection, dims: tuple[str, ...], bucketing: Bucketing 
             if not aligned:
                 # Read the range from the 15-minute rows, which every zone's buckets fit.
                 qs = rows(BUCKET_SECONDS).filter(bucket__gte=a, bucket__lt=b)
-            qs = qs.annotate(_tkey=bucketing.expression("bucket", a, b))
-            add_rows(qs, "_tkey", lambda row: bucketing.key_from_sql(row["_tkey"]))
+            key = bucketing.expression("bucket", a, b)
+            tiers.add(qs, key, at(lambda row: bucketing.key_from_sql(row["_k"])))
             continue
         # Each row to the chart bucket holding most of it; its other pieces, read from the
         # coarsest finer rows that fit them (hours in Berlin, quarters in Kolkata), one
-        # query per grain, are moved from there to their own buckets.
+        # read per grain, are moved from there to their own buckets.
         home, moved = split
-        add_rows(qs, "bucket", lambda row, home=home: home[row["bucket"]])
+        tiers.add(qs, F("bucket"), at(lambda row, home=home: home[row["_k"]]))
         finer = tuple(g for g in grains if g < grain)
         pieces: dict[int, dict[int, tuple[int, int]]] = defaultdict(dict)
         for home_key, pa, pb in moved:
@@ -614,12 +638,14 @@ def _grouped_totals(sel: Selection, dims: tuple[str, ...], bucketing: Bucketing 
                     out.add((home_key, *key[1:]), t, -1)
                     out.add((target, *key[1:]), t)
         for g, buckets in pieces.items():
-            piece_rows = rows(g).filter(bucket__in=sorted(buckets))
-            for row in _grouped_rows(piece_rows, [*values, "bucket"], _rollup_aggregates(family)):
-                home_key, target = buckets[row["bucket"]]
-                group = tuple(_rollup_value(d, row[d]) for d in dims)
-                out.add((home_key, *group), _to_totals(row), -1)
-                out.add((target, *group), _to_totals(row))
+
+            def move(row, group, totals, buckets=buckets):
+                home_key, target = buckets[row["_k"]]
+                out.add((home_key, *group), totals, -1)
+                out.add((target, *group), totals)
+
+            tiers.add(rows(g).filter(bucket__in=sorted(buckets)), F("bucket"), move)
+    tiers.run()
     out.prune()
     return out
 
