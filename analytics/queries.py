@@ -693,12 +693,15 @@ def distinct_values_many(sel: Selection, columns: tuple[str, ...]) -> dict[str, 
                 if value is not None and value != empty[column]:
                     values[column].add(value)
 
-    for in_range in _range_qs(raw_ranges):
-        qs = UsageEvent.objects.filter(_event_filters(sel)).filter(in_range)
-        collect(qs.values_list(*columns).distinct().order_by())
-    for grain, a, b in reads:
-        qs = _rollup_rows(sel, family, grain).filter(bucket__gte=a, bucket__lt=b)
-        collect(qs.values_list(*columns).distinct().order_by())
+    # One statement: the distinct values of each raw edge and of each tier, UNION ALL.
+    branches = [
+        UsageEvent.objects.filter(_event_filters(sel)).filter(in_range)
+        for in_range in _range_qs(raw_ranges)
+    ] + [
+        _rollup_rows(sel, family, grain).filter(bucket__gte=a, bucket__lt=b)
+        for grain, a, b in reads
+    ]
+    collect(_union_all([qs.values_list(*columns).distinct().order_by() for qs in branches]))
     return values
 
 
@@ -924,11 +927,13 @@ def _hist_percentiles(
     """p-quantile per group of operations from one read of each histogram tier and of
     the raw edges (`sel` already narrowed to every operation of `group_of`)."""
     counts: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
-    for rows, _a, _b, _grain in plan.reads:
-        grouped = rows.values("operation", "latency_bucket").annotate(n=Sum("count")).order_by()
-        for row in grouped:
-            if row["operation"] in group_of:
-                counts[group_of[row["operation"]]][row["latency_bucket"]] += row["n"]
+    tiers = [
+        rows.values_list("operation", "latency_bucket").annotate(n=Sum("count")).order_by()
+        for rows, _a, _b, _grain in plan.reads
+    ]
+    for operation, index, n in _union_all(tiers):
+        if operation in group_of:
+            counts[group_of[operation]][index] += n
     for _quarter, operation, index, n in _raw_edge_counts(plan.raw_querysets(sel)):
         if operation in group_of:
             counts[group_of[operation]][index] += n
@@ -1073,24 +1078,30 @@ def _hist_series(
         per_bucket[group_key][index] += n
 
     family = _hist_family(sel)
+    # Every histogram read is one branch of one UNION ALL statement, tagged with its
+    # place, grouped by a time key of its own (`_k`).
+    branches: list[QuerySet] = []
+    handlers: list = []
+
+    def read(rows: QuerySet, key, on_row) -> None:
+        rows = rows.annotate(_part=Value(len(branches), output_field=BigIntegerField()), _k=key)
+        grouped = rows.values_list("_part", "_k", "operation", "latency_bucket")
+        branches.append(grouped.annotate(n=Sum("count")).order_by())
+        handlers.append(on_row)
+
     if split is None:
         plan = aligned
         for rows, a, b, _grain in plan.reads:
             # Local buckets computed in SQL: a few thousand rows instead of one per hour.
-            rows = rows.annotate(_tkey=bucketing.expression("bucket", a, b))
-            grouped = rows.values("_tkey", "operation", "latency_bucket").annotate(n=Sum("count"))
-            for row in grouped.order_by():
-                if row["operation"] in group_of:
-                    key = bucketing.key_from_sql(row["_tkey"])
-                    count((group_of[row["operation"]], key), row["latency_bucket"], row["n"])
+            read(
+                rows,
+                bucketing.expression("bucket", a, b),
+                lambda k, group, index, n: count((group, bucketing.key_from_sql(k)), index, n),
+            )
     else:
         home, moved = split
         for rows, _a, _b, _grain in plan.reads:
-            grouped = rows.values("bucket", "operation", "latency_bucket").annotate(n=Sum("count"))
-            for row in grouped.order_by():
-                if row["operation"] in group_of:
-                    key = (group_of[row["operation"]], home[row["bucket"]])
-                    count(key, row["latency_bucket"], row["n"])
+            read(rows, F("bucket"), lambda k, group, index, n: count((group, home[k]), index, n))
         # Each moved piece: from the finest histogram rows that fit it, raw for the rest.
         grain = max(g for *_rest, g in plan.reads)
         finer = _finer_histogram_grains(sel, grain)
@@ -1104,14 +1115,17 @@ def _hist_series(
                     fine_rows[g][bucket] = (home_key, target)
             raw_pieces += [(home_key, target, ra, rb) for ra, rb in rest if ra < rb]
         for g, buckets in fine_rows.items():
-            rows = _histogram_rows(sel, family, g).filter(bucket__in=sorted(buckets))
-            grouped = rows.values("bucket", "operation", "latency_bucket").annotate(n=Sum("count"))
-            for row in grouped.order_by():
-                if row["operation"] in group_of:
-                    home_key, target = buckets[row["bucket"]]
-                    group = group_of[row["operation"]]
-                    count((group, home_key), row["latency_bucket"], -row["n"])
-                    count((group, target), row["latency_bucket"], row["n"])
+
+            def move(k, group, index, n, buckets=buckets):
+                home_key, target = buckets[k]
+                count((group, home_key), index, -n)
+                count((group, target), index, n)
+
+            read(
+                _histogram_rows(sel, family, g).filter(bucket__in=sorted(buckets)),
+                F("bucket"),
+                move,
+            )
         raw_qs = UsageEvent.objects.filter(_event_filters(sel))
         pieces = [(a, b) for _home, _target, a, b in raw_pieces]
         for piece, operation, index, n in _piece_latencies(raw_qs, pieces):
@@ -1120,6 +1134,9 @@ def _hist_series(
                 group = group_of[operation]
                 count((group, home_key), index, -n)  # its row counted them at home
                 count((group, target), index, n)
+    for part, k, operation, index, n in _union_all(branches):
+        if operation in group_of:
+            handlers[part](k, group_of[operation], index, n)
     for quarter, operation, index, n in _raw_edge_counts(plan.raw_querysets(sel)):
         if operation in group_of:
             # Chart buckets start on quarter hours: a quarter lies within one of them.
