@@ -21,7 +21,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
-from itertools import pairwise
+from itertools import combinations, pairwise
 from zoneinfo import ZoneInfo
 
 from django.db import connection
@@ -43,13 +43,20 @@ from django.db.models import (
 from django.db.models.expressions import RawSQL
 from django.db.models.functions import TruncMinute
 
-from metering.aggregates import LATENCY_BUCKET_SQL, MEASURES, latency_bucket, latency_bucket_value
+from metering.aggregates import (
+    HIST_PARTS,
+    LATENCY_BUCKET_SQL,
+    MEASURES,
+    latency_bucket,
+    latency_bucket_value,
+)
 from metering.models import (
     BUCKET_SECONDS,
     CostSource,
     LatencyHistogramDaily,
     LatencyHistogramHourly,
     LatencyHistogramModelDaily,
+    LatencyHistogramPartDaily,
     LatencyHistogramScopeDaily,
     Operation,
     OrgActorDaily,
@@ -62,7 +69,7 @@ from metering.models import (
     UsageEvent,
 )
 
-from .visibility import Scope, rollup_scope_q, scope_q
+from .visibility import Scope, rollup_scope_q, scope_columns, scope_q
 
 MINUTE, HOUR, DAY = 60, 3600, 86400
 WIDTHS = {"1m": MINUTE, "1h": HOUR, "1d": DAY}
@@ -738,14 +745,23 @@ class PercentileDisc(Aggregate):
 HIST_NARROW_TIERS = ((DAY, LatencyHistogramDaily), (HOUR, LatencyHistogramHourly))
 HIST_WIDE_TIERS = ((DAY, LatencyHistogramScopeDaily),)
 HIST_MODEL_TIERS = ((DAY, LatencyHistogramModelDaily),)
-HIST_FAMILIES = {"org": HIST_NARROW_TIERS, "scope": HIST_WIDE_TIERS, "model": HIST_MODEL_TIERS}
+HIST_PART_TIERS = ((DAY, LatencyHistogramPartDaily),)
+HIST_FAMILIES = {
+    "org": HIST_NARROW_TIERS,
+    "scope": HIST_WIDE_TIERS,
+    "model": HIST_MODEL_TIERS,
+    "parts": HIST_PART_TIERS,
+}
+# The part histogram's part for each column of the visibility predicate.
+PART_OF_COLUMN = {column: part for part, column in HIST_PARTS}
 
 
 def _hist_family(sel: Selection) -> str | None:
     """The histogram that holds `sel`'s latencies, or None (raw events answer): "org"
     for whole organizations, "scope" for partial scopes and scope filters (it has every
     column of the visibility predicate), "model" for a model filter, alone or with teams
-    whose every event the viewer sees."""
+    whose every event the viewer sees; "parts" for a partial scope with no scope filter
+    (its parts' histograms by inclusion-exclusion, see `_part_reads`)."""
     if sel.needs_raw or sel.status != "all" or sel.end - sel.start <= RAW_RANGE_LIMIT:
         return None
     if sel.models:
@@ -754,7 +770,11 @@ def _hist_family(sel: Selection) -> str | None:
         whole = sel.scope.covers_whole_orgs(sel.org_ids)
         own_teams = bool(sel.team_ids) and set(sel.team_ids) <= sel.scope.team_ids
         return "model" if whole or own_teams else None
-    return "org" if _whole_orgs(sel) else "scope"
+    if _whole_orgs(sel):
+        return "org"
+    if not sel.needs_scope_dims and scope_columns(sel.scope):
+        return "parts"
+    return "scope"
 
 
 @dataclass(frozen=True)
@@ -763,7 +783,7 @@ class _HistogramPlan:
     histogram rows, each with the [a, b) range it covers; raw events answer `raw_ranges`,
     the edges no histogram bucket fits in."""
 
-    reads: tuple[tuple[QuerySet, int, int, int], ...]  # rows, a, b, grain
+    reads: tuple[tuple[QuerySet, int, int, int, int], ...]  # rows, a, b, grain, sign
     raw_ranges: tuple[tuple[int, int], ...]
 
     def raw_querysets(self, sel: Selection) -> list[QuerySet]:
@@ -803,6 +823,47 @@ def _histogram_rows(sel: Selection, family: str, grain: int) -> QuerySet:
     return rows
 
 
+def _part_reads(sel: Selection, grain: int) -> list[tuple[QuerySet, int]]:
+    """[(rows, sign)] whose signed sum is the histogram of a partial scope (the union of
+    its parts: teams, projects, own events, own tokens), by inclusion-exclusion over the
+    kinds of part: each kind alone from the part histogram (small: one team's or one
+    token's rows), each overlap of two or more kinds (a team's events sent with an own
+    token) from the scope histogram, where an overlap is few rows. Parts of one kind never
+    overlap: an event has one team, one project, one user and one token."""
+    columns = scope_columns(sel.scope)
+    part_model = dict(HIST_PART_TIERS)[grain]
+    scope_model = dict(HIST_WIDE_TIERS)[grain]
+    reads = []
+    for size in range(1, len(columns) + 1):
+        for kinds in combinations(sorted(columns), size):
+            if size == 1:
+                (column,) = kinds
+                rows = part_model.objects.filter(
+                    part=PART_OF_COLUMN[column], part_id__in=sorted(columns[column])
+                )
+            else:
+                rows = scope_model.objects.filter(
+                    **{f"{column}__in": sorted(columns[column]) for column in kinds}
+                )
+            if sel.org_ids:
+                rows = rows.filter(organization_id__in=sel.org_ids)
+            if sel.operations:
+                rows = rows.filter(operation__in=sel.operations)
+            reads.append((rows, 1 if size % 2 else -1))
+    return reads
+
+
+def _histogram_reads(sel: Selection, family: str, grain: int) -> list[tuple[QuerySet, int]]:
+    """[(rows, sign)] of `family`'s histogram of `grain` that add up to the selection's."""
+    if family == "parts":
+        return _part_reads(sel, grain)
+    return [(_histogram_rows(sel, family, grain), 1)]
+
+
+def _signed_count(sign: int):
+    return Sum("count") if sign == 1 else Sum("count") * Value(sign)
+
+
 def _histogram_plan(sel: Selection, bucketing: Bucketing | None = None) -> _HistogramPlan | None:
     """The histograms that answer `sel`'s p95 within ~2 % (per chart bucket of
     `bucketing`, whose buckets they must not straddle), or None: raw events only, for
@@ -816,13 +877,9 @@ def _histogram_plan(sel: Selection, bucketing: Bucketing | None = None) -> _Hist
     if not grains:
         return None
     reads = tuple(
-        (
-            _histogram_rows(sel, family, grain).filter(bucket__gte=a, bucket__lt=b),
-            a,
-            b,
-            grain,
-        )
+        (rows.filter(bucket__gte=a, bucket__lt=b), a, b, grain, sign)
         for grain, a, b in grains
+        for rows, sign in _histogram_reads(sel, family, grain)
     )
     return _HistogramPlan(reads, tuple(raw_ranges))
 
@@ -866,7 +923,8 @@ def _straddles(
     """`_split_rows` over every read of `plan`."""
     home: dict[int, int] = {}
     moved: list[tuple[int, int, int]] = []
-    for _rows, a, b, grain in plan.reads:
+    # Each time range once: a signed sum has several reads of the same range.
+    for a, b, grain in dict.fromkeys((a, b, grain) for _rows, a, b, grain, _sign in plan.reads):
         split = _split_rows(bucketing, a, b, grain)
         if split is None:
             return None
@@ -928,8 +986,8 @@ def _hist_percentiles(
     the raw edges (`sel` already narrowed to every operation of `group_of`)."""
     counts: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
     tiers = [
-        rows.values_list("operation", "latency_bucket").annotate(n=Sum("count")).order_by()
-        for rows, _a, _b, _grain in plan.reads
+        rows.values_list("operation", "latency_bucket").annotate(n=_signed_count(sign)).order_by()
+        for rows, _a, _b, _grain, sign in plan.reads
     ]
     for operation, index, n in _union_all(tiers):
         if operation in group_of:
@@ -1065,8 +1123,8 @@ def _hist_series(
     all pieces in one statement per source."""
     aligned = _histogram_plan(sel, bucketing)
     plan = _histogram_plan(sel)
-    coarsest = max((g for *_rest, g in plan.reads), default=None) if plan else None
-    uses_coarsest = aligned is not None and any(g == coarsest for *_rest, g in aligned.reads)
+    coarsest = max((read[3] for read in plan.reads), default=None) if plan else None
+    uses_coarsest = aligned is not None and any(read[3] == coarsest for read in aligned.reads)
     split = None
     if plan is not None and not uses_coarsest:
         split = _straddles(plan, bucketing)
@@ -1083,27 +1141,33 @@ def _hist_series(
     branches: list[QuerySet] = []
     handlers: list = []
 
-    def read(rows: QuerySet, key, on_row) -> None:
+    def read(rows: QuerySet, key, on_row, sign: int = 1) -> None:
         rows = rows.annotate(_part=Value(len(branches), output_field=BigIntegerField()), _k=key)
         grouped = rows.values_list("_part", "_k", "operation", "latency_bucket")
-        branches.append(grouped.annotate(n=Sum("count")).order_by())
+        branches.append(grouped.annotate(n=_signed_count(sign)).order_by())
         handlers.append(on_row)
 
     if split is None:
         plan = aligned
-        for rows, a, b, _grain in plan.reads:
+        for rows, a, b, _grain, sign in plan.reads:
             # Local buckets computed in SQL: a few thousand rows instead of one per hour.
             read(
                 rows,
                 bucketing.expression("bucket", a, b),
                 lambda k, group, index, n: count((group, bucketing.key_from_sql(k)), index, n),
+                sign,
             )
     else:
         home, moved = split
-        for rows, _a, _b, _grain in plan.reads:
-            read(rows, F("bucket"), lambda k, group, index, n: count((group, home[k]), index, n))
+        for rows, _a, _b, _grain, sign in plan.reads:
+            read(
+                rows,
+                F("bucket"),
+                lambda k, group, index, n: count((group, home[k]), index, n),
+                sign,
+            )
         # Each moved piece: from the finest histogram rows that fit it, raw for the rest.
-        grain = max(g for *_rest, g in plan.reads)
+        grain = max(read[3] for read in plan.reads)
         finer = _finer_histogram_grains(sel, grain)
         fine_rows: dict[int, dict[int, tuple[int, int]]] = defaultdict(dict)  # grain: bucket
         raw_pieces: list[tuple[int, int, int, int]] = []  # home, target, a, b

@@ -119,6 +119,21 @@ def scope_parts(scope: Scope) -> list[Q]:
     return parts
 
 
+def scope_columns(scope: Scope) -> dict[str, frozenset[int]] | None:
+    """A partial scope as {column: ids} over team_id, project_id, user_id and
+    api_token_id: the events visible are those matching any one of them. None when the
+    scope holds whole organizations (or everything), which no such column says."""
+    if scope.everything or scope.org_ids:
+        return None
+    columns = {
+        "team_id": scope.team_ids,
+        "project_id": scope.project_ids,
+        "user_id": frozenset({scope.user_id}) if scope.user_id else frozenset(),
+        "api_token_id": scope.token_ids,
+    }
+    return {column: ids for column, ids in columns.items() if ids}
+
+
 def _rollup_scope_q(scope: Scope) -> Q:
     # The roll-up has a composite key, so "match nothing" cannot use pk__in.
     if scope.everything:

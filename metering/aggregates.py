@@ -13,6 +13,8 @@ docs/architecture.md):
   x log-latency bucket (p95 for partial scopes and scope filters),
 - LatencyHistogramModelDaily: org x UTC day x team x model x operation x log-latency
   bucket (p95 under a model filter, with or without a team filter),
+- LatencyHistogramPartDaily: org x part (team, project, user or token) x UTC day x
+  operation x log-latency bucket (p95 for partial scopes, by inclusion-exclusion),
 - ScopeKeyDaily: org x UTC day x team x project x user x token (option lists of
   partial scopes),
 - OrgActorHourly / OrgActorDaily: org x hour or day x user x token x assistant x
@@ -35,9 +37,11 @@ from .models import (
     HOUR_SECONDS,
     BudgetSpend15m,
     CostSource,
+    HistogramPart,
     LatencyHistogramDaily,
     LatencyHistogramHourly,
     LatencyHistogramModelDaily,
+    LatencyHistogramPartDaily,
     LatencyHistogramScopeDaily,
     OrgActorDaily,
     OrgActorHourly,
@@ -90,6 +94,14 @@ ACTOR_MEASURES = (*MEASURES, "failed_requests")
 HIST_KEYS = ("organization_id", "bucket", "operation", "latency_bucket")
 SCOPE_KEY_KEYS = ("organization_id", "bucket", "team_id", "project_id", "user_id", "api_token_id")
 MODEL_HIST_KEYS = ("organization_id", "bucket", "team_id", "model", "operation", "latency_bucket")
+PART_HIST_KEYS = ("organization_id", "part", "part_id", "bucket", "operation", "latency_bucket")
+# (part, event column) of the part histogram: every column of the visibility predicate.
+HIST_PARTS = (
+    (HistogramPart.TEAM.value, "team_id"),
+    (HistogramPart.PROJECT.value, "project_id"),
+    (HistogramPart.USER.value, "user_id"),
+    (HistogramPart.TOKEN.value, "api_token_id"),
+)
 SCOPE_HIST_KEYS = (
     "organization_id",
     "bucket",
@@ -194,6 +206,7 @@ ROLLUPS = (
     Rollup(LatencyHistogramDaily, HIST_KEYS, ("count",), "latency histogram (day)"),
     Rollup(LatencyHistogramScopeDaily, SCOPE_HIST_KEYS, ("count",), "scope latency histogram"),
     Rollup(LatencyHistogramModelDaily, MODEL_HIST_KEYS, ("count",), "model latency histogram"),
+    Rollup(LatencyHistogramPartDaily, PART_HIST_KEYS, ("count",), "part latency histogram"),
     Rollup(ScopeKeyDaily, SCOPE_KEY_KEYS, ("requests",), "scope keys (day)"),
     Rollup(OrgActorHourly, ACTOR_KEYS, ACTOR_MEASURES, "actor roll-up (hour)"),
     Rollup(OrgActorDaily, ACTOR_KEYS, ACTOR_MEASURES, "actor roll-up (day)"),
@@ -220,6 +233,7 @@ def compute_rollups(facts: Iterable[EventFacts]) -> dict[type, dict[tuple, list[
     scope_hist_rows: dict[tuple, list[int]] = defaultdict(lambda: [0])
     actor_rows: dict[tuple, list[int]] = defaultdict(lambda: [0] * len(ACTOR_MEASURES))
     model_hist_rows: dict[tuple, list[int]] = defaultdict(lambda: [0])
+    part_hist_rows: dict[tuple, list[int]] = defaultdict(lambda: [0])
     scope_key_rows: dict[tuple, list[int]] = defaultdict(lambda: [0])
     for f in facts:
         ts = epoch(f.timestamp)
@@ -256,6 +270,10 @@ def compute_rollups(facts: Iterable[EventFacts]) -> dict[type, dict[tuple, list[
         )
         scope_hist_rows[scope_hist_key][0] += 1
         model_hist_rows[(f.organization_id, day, f.team_id or 0, f.model, f.operation, lb)][0] += 1
+        for part, column in HIST_PARTS:
+            part_id = getattr(f, column)
+            if part_id:
+                part_hist_rows[(f.organization_id, part, part_id, day, f.operation, lb)][0] += 1
         scope_key_rows[scope_hist_key[:6]][0] += 1  # org, day, team, project, token, user
         actor_key = (
             f.organization_id,
@@ -278,6 +296,7 @@ def compute_rollups(facts: Iterable[EventFacts]) -> dict[type, dict[tuple, list[
         LatencyHistogramDaily: _fold(hist_rows, DAY_SECONDS),
         LatencyHistogramScopeDaily: scope_hist_rows,
         LatencyHistogramModelDaily: model_hist_rows,
+        LatencyHistogramPartDaily: part_hist_rows,
         ScopeKeyDaily: {
             (org, day, team, project, user, token): n
             for (org, day, team, project, token, user), n in scope_key_rows.items()
@@ -392,7 +411,9 @@ def rollup_sql(source: str) -> list[str]:
         f"count(*) FILTER (WHERE cost_source = '{CostSource.UNPRICED.value}')"
     )
 
-    def upsert(table: str, keys: list[str], key_exprs: list[str], cols: tuple, values: str):
+    def upsert(
+        table: str, keys: list[str], key_exprs: list[str], cols: tuple, values: str, rows=source
+    ):
         update = ", ".join(
             f"{_q(m)} = GREATEST({table}.{_q(m)}, EXCLUDED.{_q(m)})"
             if m == "latency_ms_max"
@@ -404,7 +425,7 @@ def rollup_sql(source: str) -> list[str]:
         return (
             f"INSERT INTO {table} ({', '.join(_q(k) for k in keys)}, "
             f"{', '.join(_q(m) for m in cols)}) "
-            f"SELECT {', '.join(key_exprs)}, {values} FROM {source} "
+            f"SELECT {', '.join(key_exprs)}, {values} FROM {rows} "
             f"GROUP BY {positions} ORDER BY {positions} "
             f"ON CONFLICT ({', '.join(_q(k) for k in keys)}) DO UPDATE SET {update}"
         )
@@ -481,6 +502,27 @@ def rollup_sql(source: str) -> list[str]:
         ("count",),
         "count(*)",
     )
+    # One row per event and part (team, project, user, token) it has.
+    parts = " UNION ALL ".join(
+        f"SELECT organization_id, '{part}' AS part, {column} AS part_id, operation, "
+        f'latency_ms, "timestamp" FROM {source} WHERE {column} IS NOT NULL'
+        for part, column in HIST_PARTS
+    )
+    part_hist = upsert(
+        _q(LatencyHistogramPartDaily._meta.db_table),
+        list(PART_HIST_KEYS),
+        [
+            "organization_id",
+            "part",
+            "part_id",
+            day,
+            "operation",
+            LATENCY_BUCKET_SQL.format(col="latency_ms"),
+        ],
+        ("count",),
+        "count(*)",
+        rows=f"({parts}) p",
+    )
     scope_keys = upsert(
         _q(ScopeKeyDaily._meta.db_table),
         list(SCOPE_KEY_KEYS),
@@ -508,7 +550,7 @@ def rollup_sql(source: str) -> list[str]:
         "ON CONFLICT (organization_id, subject, subject_id, bucket) "
         f"DO UPDATE SET cost_nanos = {spend_table}.cost_nanos + EXCLUDED.cost_nanos"
     )
-    return [*usage, *actors, *hists, scope_hist, model_hist, scope_keys, spend]
+    return [*usage, *actors, *hists, scope_hist, model_hist, part_hist, scope_keys, spend]
 
 
 # ---------------------------------------------------------------------------------------

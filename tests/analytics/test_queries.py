@@ -571,6 +571,50 @@ def test_p95_of_nothing_is_none(personas):
     assert latency_percentile(_org_selection(personas, start, start + SPAN)) is None
 
 
+def _partial_scopes(autumn):
+    """The team lead, project admin and member, and one person holding every kind of
+    part: a team, a project, own events and two own tokens (overlapping each other)."""
+    from accounts.models import Membership, Role, User
+
+    scopes = {p: viewer_scope(autumn.users[p]) for p in ("team_lead", "project_admin", "member")}
+    lead = User.objects.get(pk=autumn.team_lead.pk)
+    Membership.objects.create(
+        organization=autumn.org, user=lead, role=Role.PROJECT_ADMIN, project=autumn.chatbot_project
+    )
+    for token in (autumn.member_token, autumn.service_token):
+        token.owner = lead
+        token.save()
+    scopes["every part"] = viewer_scope(User.objects.get(pk=lead.pk))
+    assert len(scopes["every part"].token_ids) == 2 and scopes["every part"].project_ids
+    return scopes
+
+
+def test_partial_scope_p95_from_part_histograms_equals_the_scope_histogram(
+    autumn, subtests, monkeypatch
+):
+    # Inclusion-exclusion over the parts' histograms counts every event of the scope
+    # once: the p95 per operation group and per local day is the very value the scope
+    # histogram gives (same buckets), itself within 5 % of exact (tests above).
+    start = PERIODS["autumn"] + timedelta(hours=3, minutes=7)
+    end = start + timedelta(days=3)
+    groups = {"completion": ("chat", "completion"), "embedding": ("embedding",)}
+    real_family = analytics_queries._hist_family
+    for name, scope in _partial_scopes(autumn).items():
+        with subtests.test(name):
+            sel = Selection(scope=scope, start=start, end=end, org_ids=(autumn.org.id,))
+            assert real_family(sel) == "parts"
+            with CaptureQueriesContext(connection) as queries:
+                by_parts = analytics_queries.latency_percentiles(sel, groups)
+            assert any("latency_hist_part_daily" in q["sql"] for q in queries.captured_queries)
+            series = latency_series(sel, Bucketing(DAY, BERLIN))
+            assert by_parts["completion"] is not None and series
+
+            monkeypatch.setattr(analytics_queries, "_hist_family", lambda s: "scope")
+            assert analytics_queries.latency_percentiles(sel, groups) == by_parts
+            assert latency_series(sel, Bucketing(DAY, BERLIN)) == series
+            monkeypatch.undo()
+
+
 @pytest.mark.parametrize("tz", [UTC_ZONE, BERLIN, NEW_YORK, KOLKATA], ids=str)
 def test_team_latency_series_per_local_day_from_the_daily_histogram(autumn, tz, monkeypatch):
     # UTC days are the daily histogram's own buckets; Berlin, New York and Kolkata days

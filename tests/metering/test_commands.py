@@ -334,6 +334,27 @@ def test_the_scope_key_migration_fills_it_from_stored_events(demo):
     assert sorted(ScopeKeyDaily.objects.values_list("pk", "requests")) == written
 
 
+def test_the_part_histogram_migration_fills_it_from_stored_events(demo):
+    import importlib
+    from types import SimpleNamespace
+
+    from django.apps import apps
+    from django.db import connection
+
+    from metering.models import LatencyHistogramPartDaily
+
+    migration = importlib.import_module("metering.migrations.0011_latency_hist_part_daily")
+    written = sorted(LatencyHistogramPartDaily.objects.values_list("pk", "count"))
+    assert {pk[1] for pk, _ in written} == {"team", "project", "user", "token"}
+    LatencyHistogramPartDaily.objects.all().delete()
+
+    migration.backfill(apps, SimpleNamespace(connection=connection))
+
+    assert sorted(LatencyHistogramPartDaily.objects.values_list("pk", "count")) == written
+    status, out = check_aggregates()
+    assert status == 0 and "no mismatch" in out
+
+
 def test_rebuild_aggregates_repairs_drift_and_forgets_removed_events(personas):
     from metering.models import BudgetSpend15m
 
