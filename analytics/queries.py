@@ -24,6 +24,7 @@ from functools import lru_cache
 from itertools import combinations, pairwise
 from zoneinfo import ZoneInfo
 
+from django.core.exceptions import EmptyResultSet
 from django.db import connection
 from django.db.models import (
     Aggregate,
@@ -41,7 +42,7 @@ from django.db.models import (
     When,
 )
 from django.db.models.expressions import RawSQL
-from django.db.models.functions import TruncMinute
+from django.db.models.functions import Coalesce, TruncMinute
 
 from metering.aggregates import (
     HIST_PARTS,
@@ -553,7 +554,12 @@ class _TierReads:
         self.handlers.append(on_row)
 
     def run(self) -> None:
-        for row in _union_all(self.branches):
+        if not self.branches:
+            return
+        union = _union_all(self.branches)
+        names = [*self.fields, "_part", "_k", *_rollup_aggregates(self.family)]
+        for values in _tuples(union):
+            row = dict(zip(names, values, strict=True))
             group = tuple(_rollup_value(d, row[d]) for d in self.dims)
             self.handlers[row["_part"]](row, group, _to_totals(row))
 
@@ -675,15 +681,10 @@ def top(sel: Selection, dim: str, n: int = 5, by: str = "total_tokens") -> list[
 
 def distinct_counts(sel: Selection, columns: tuple[str, ...]) -> dict[str, int]:
     """How many distinct non-empty values of each of `columns` (user_id, assistant,
-    workflow), from one read of each source."""
-    return {column: len(values) for column, values in distinct_values_many(sel, columns).items()}
-
-
-def distinct_values_many(sel: Selection, columns: tuple[str, ...]) -> dict[str, set]:
-    """The distinct non-empty values of each of `columns`, exact: a union of sets over
-    the tiers of the smallest family that has them (whole days, hours, quarters) and the
-    raw seconds at the edges, each source read once for every column."""
-    empty = {column: 0 if column.endswith("_id") else "" for column in columns}
+    workflow), exact: counted in SQL over a union of the distinct values of the tiers of
+    the smallest family that has them (whole days, hours, quarters) and of the raw seconds
+    at the edges, one statement for every column (a month of an organization's actors is
+    tens of thousands of rows, too many to send to Python to count)."""
     start, end = _epoch(sel.start), _epoch(sel.end)
     raw_only = sel.needs_raw or sel.end - sel.start <= RAW_RANGE_LIMIT
     family = "actor" if _family(sel, columns) == "actor" else "scope"
@@ -692,15 +693,6 @@ def distinct_values_many(sel: Selection, columns: tuple[str, ...]) -> dict[str, 
         if raw_only
         else _plan_tiers(tuple(dict(FAMILIES[family])), start, end, None)
     )
-    values: dict[str, set] = {column: set() for column in columns}
-
-    def collect(rows) -> None:
-        for row in rows:
-            for column, value in zip(columns, row, strict=True):
-                if value is not None and value != empty[column]:
-                    values[column].add(value)
-
-    # One statement: the distinct values of each raw edge and of each tier, UNION ALL.
     branches = [
         UsageEvent.objects.filter(_event_filters(sel)).filter(in_range)
         for in_range in _range_qs(raw_ranges)
@@ -708,8 +700,31 @@ def distinct_values_many(sel: Selection, columns: tuple[str, ...]) -> dict[str, 
         _rollup_rows(sel, family, grain).filter(bucket__gte=a, bucket__lt=b)
         for grain, a, b in reads
     ]
-    collect(_union_all([qs.values_list(*columns).distinct().order_by() for qs in branches]))
-    return values
+    if not branches:
+        return dict.fromkeys(columns, 0)
+    # Missing ids are NULL in events and 0 in roll-ups; missing labels are "" in both.
+    names = {f"_d{i}": column for i, column in enumerate(columns)}
+    shaped = {
+        name: Coalesce(F(column), Value(0), output_field=BigIntegerField())
+        if column.endswith("_id")
+        else F(column)
+        for name, column in names.items()
+    }
+    union = _union_all(
+        [qs.annotate(**shaped).values_list(*names).distinct().order_by() for qs in branches]
+    )
+    sql, params = union.query.sql_with_params()
+    quote = connection.ops.quote_name
+    counts = ", ".join(
+        f"COUNT(DISTINCT CASE WHEN {quote(name)} <> {0 if column.endswith('_id') else "''"} "
+        f"THEN {quote(name)} END)"
+        for name, column in names.items()
+    )
+    with connection.cursor() as cursor:
+        # Our own compiled SQL and quoted aliases; the values travel as parameters.
+        cursor.execute(f"SELECT {counts} FROM ({sql}) AS distinct_values", params)
+        row = cursor.fetchone()
+    return {column: int(n or 0) for column, n in zip(columns, row, strict=True)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -979,6 +994,22 @@ def _union_all(branches: list[QuerySet]):
     return first.union(*rest, all=True) if rest else first
 
 
+def _tuples(qs) -> list[tuple]:
+    """The rows of a values_list() queryset (or a UNION ALL of them) as the database
+    sends them: its compiled SQL on a cursor, without the ORM's per-row work (a 90-day
+    chart reads tens of thousands of histogram rows). Only for columns that need no
+    conversion (integers, text); sums of integers come back as numbers to int()."""
+    if not isinstance(qs, QuerySet):
+        return list(qs)
+    try:
+        sql, params = qs.query.sql_with_params()
+    except EmptyResultSet:
+        return []
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchall()
+
+
 def _hist_percentiles(
     sel: Selection, plan: _HistogramPlan, group_of: dict[str, str], q: float
 ) -> dict[str, float | None]:
@@ -989,10 +1020,10 @@ def _hist_percentiles(
         rows.values_list("operation", "latency_bucket").annotate(n=_signed_count(sign)).order_by()
         for rows, _a, _b, _grain, sign in plan.reads
     ]
-    for operation, index, n in _union_all(tiers):
+    for operation, index, n in _tuples(_union_all(tiers)):
         if operation in group_of:
-            counts[group_of[operation]][index] += n
-    for _quarter, operation, index, n in _raw_edge_counts(plan.raw_querysets(sel)):
+            counts[group_of[operation]][index] += int(n)
+    for _quarter, operation, index, n in _tuples(_raw_edge_counts(plan.raw_querysets(sel))):
         if operation in group_of:
             counts[group_of[operation]][index] += n
     return {
@@ -1192,16 +1223,16 @@ def _hist_series(
             )
         raw_qs = UsageEvent.objects.filter(_event_filters(sel))
         pieces = [(a, b) for _home, _target, a, b in raw_pieces]
-        for piece, operation, index, n in _piece_latencies(raw_qs, pieces):
+        for piece, operation, index, n in _tuples(_piece_latencies(raw_qs, pieces)):
             if operation in group_of:
                 home_key, target, _a, _b = raw_pieces[piece]
                 group = group_of[operation]
                 count((group, home_key), index, -n)  # its row counted them at home
                 count((group, target), index, n)
-    for part, k, operation, index, n in _union_all(branches):
+    for part, k, operation, index, n in _tuples(_union_all(branches)):
         if operation in group_of:
-            handlers[part](k, group_of[operation], index, n)
-    for quarter, operation, index, n in _raw_edge_counts(plan.raw_querysets(sel)):
+            handlers[part](k, group_of[operation], index, int(n))
+    for quarter, operation, index, n in _tuples(_raw_edge_counts(plan.raw_querysets(sel))):
         if operation in group_of:
             # Chart buckets start on quarter hours: a quarter lies within one of them.
             count((group_of[operation], bucketing.key_of(quarter)), index, n)

@@ -219,6 +219,15 @@ def measure_dashboard(report, users, team_id, log):
     from accounts.middleware import viewer_timezone_name
 
     naive = report.setdefault("naive", [])
+    # The baseline is plain SQL as PostgreSQL runs it by default: with its parallel
+    # workers, which the application's own sessions turn off (DATABASE_PARALLEL_WORKERS).
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT boot_val FROM pg_settings WHERE name = 'max_parallel_workers_per_gather'"
+        )
+        server_workers = int(cursor.fetchone()[0])
+        cursor.execute(f"SET max_parallel_workers_per_gather = {server_workers}")
+    report["naive_parallel_workers"] = server_workers
     for persona, user in users.items():
         tz = ZoneInfo(viewer_timezone_name(user))
         for period in NAIVE_RANGES:
@@ -243,6 +252,8 @@ def measure_dashboard(report, users, team_id, log):
                     if r["persona"] == persona and r["range"] == period
                 )
             )
+    with connection.cursor() as cursor:
+        cursor.execute("RESET max_parallel_workers_per_gather")
 
 
 def measure_events_log(report, users, log):

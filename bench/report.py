@@ -172,7 +172,9 @@ def markdown(report: dict) -> str:
         lines += [
             "## Dashboard (ms, p50 / p95 of each request through Django's test client)",
             "",
-            "Naive = the same numbers by plain aggregation over raw events (p50).",
+            "Naive = the same numbers by plain aggregation over raw events (p50), with "
+            f"PostgreSQL's {report.get('naive_parallel_workers', 'default')} parallel "
+            "workers per query (the application's sessions use none).",
             "",
         ]
         widgets = list(dict.fromkeys(r["widget"] for r in dash))

@@ -61,6 +61,14 @@ def database_from_url(url: str) -> dict:
         # milliseconds, and a plan with many branches (one per time range) spent seconds
         # compiling. Off for this application's sessions unless DATABASE_JIT=1.
         options["options"] = f"{options.get('options', '')} -c jit=off".strip()
+    # Parallel workers per query: starting them costs about 10 ms, more than a roll-up
+    # read of UNION ALL branches takes (the planner picks a Parallel Append for them), and
+    # concurrent requests already use every core. 0 by default; DATABASE_PARALLEL_WORKERS
+    # restores PostgreSQL's own setting for this application's sessions.
+    workers = env_int("DATABASE_PARALLEL_WORKERS", 0)
+    options["options"] = (
+        f"{options.get('options', '')} -c max_parallel_workers_per_gather={workers}".strip()
+    )
     return {
         "ENGINE": "django.db.backends.postgresql",
         "NAME": name,
