@@ -71,6 +71,12 @@ class UsageEventQuerySet(models.QuerySet):
         return self.filter(status_code__lt=400)
 
 
+# The columns of the events log's "amount" (tokens for token events, else the quantity).
+AMOUNT_COLUMNS = ["resource_type", "input_tokens", "output_tokens", "quantity"]
+# The columns of the visibility predicate (analytics.visibility.scope_parts).
+SCOPE_COLUMNS = ["user_id", "team_id", "project_id", "api_token_id"]
+
+
 class UsageEvent(models.Model):
     """One model call (or metered resource use), as sent to the ingestion API."""
 
@@ -130,29 +136,35 @@ class UsageEvent(models.Model):
             # in the log's (timestamp, id) order: the log reads a member's or a team lead's
             # page part by part and merges (eventlog.log_parts), instead of sorting every
             # event of the scope; with the time column they also serve raw reads of a range.
-            models.Index(
-                fields=["organization", "user", "timestamp", "id"], name="event_org_user_time_id"
-            ),
-            models.Index(
-                fields=["organization", "team", "timestamp", "id"], name="event_org_team_time_id"
-            ),
-            models.Index(
-                fields=["organization", "project", "timestamp", "id"],
-                name="event_org_project_time_id",
-            ),
-            models.Index(
-                fields=["organization", "api_token", "timestamp", "id"],
-                name="event_org_token_time_id",
+            # They carry the log's amount (AMOUNT_COLUMNS) and the other columns of the
+            # scope's predicate (which each part's read repeats), so a part's page and
+            # count are read from the index alone, an amount filter included.
+            *(
+                models.Index(
+                    fields=["organization", column, "timestamp", "id"],
+                    name=f"event_org_{short}_time_id",
+                    include=[*AMOUNT_COLUMNS, *(c for c in SCOPE_COLUMNS if c != f"{column}_id")],
+                )
+                for column, short in (
+                    ("user", "user"),
+                    ("team", "team"),
+                    ("project", "project"),
+                    ("api_token", "token"),
+                )
             ),
             # The log sorted by cost (the most asked-for sort after time): a whole
-            # organization's, and a member's own events and tokens', in (cost, id) order.
+            # organization's, and a member's own events and tokens', in (cost, id) order
+            # (with the time, so the period is checked in the index).
             models.Index(fields=["organization", "cost_nanos", "id"], name="event_org_cost"),
             models.Index(
-                fields=["organization", "user", "cost_nanos", "id"], name="event_org_user_cost"
+                fields=["organization", "user", "cost_nanos", "id"],
+                name="event_org_user_cost",
+                include=["timestamp", *(c for c in SCOPE_COLUMNS if c != "user_id")],
             ),
             models.Index(
                 fields=["organization", "api_token", "cost_nanos", "id"],
                 name="event_org_token_cost",
+                include=["timestamp", *(c for c in SCOPE_COLUMNS if c != "api_token_id")],
             ),
             # The chat-session filter; most events of batch callers carry no session.
             models.Index(

@@ -123,6 +123,23 @@ def test_a_partial_scope_pages_exactly_whether_read_whole_or_in_parts(
     assert [e.id for e in back.rows] == every[4:8]
 
 
+@pytest.mark.parametrize("persona", ["team_lead", "project_admin", "member"])
+def test_a_bounded_count_in_parts_counts_each_event_once(world, persona):
+    # Own events sent with an own token are in two parts: the union counts them once,
+    # exactly up to the cap and "more than the cap" beyond it.
+    from django.http import QueryDict
+
+    flt = eventlog.log_filter(QueryDict("amount_min=1"), world.personas.users[persona])
+    every = len(expected_ids(world, persona, {"amount_min": "1"}))
+    parts = eventlog.log_parts(flt)
+
+    assert every > 3
+    assert eventlog.bounded_count(flt.qs, every, parts) == every
+    assert eventlog.bounded_count(flt.qs, every + 5, parts) == every
+    assert eventlog.bounded_count(flt.qs, every - 2, parts) > every - 2
+    assert eventlog.count_events(flt, cap=every - 2).kind == "at_least"
+
+
 def test_partial_scopes_are_read_in_parts_on_postgresql(world):
     from django.db import connection
     from django.http import QueryDict
