@@ -447,27 +447,7 @@ def _family(sel: Selection, dims: tuple[str, ...]) -> str:
     return "scope"
 
 
-def _raw_events(sel: Selection) -> QuerySet:
-    """The selection's raw events (a fresh clone: callers narrow it)."""
-    return _raw_events_base(sel).all()
-
-
-# A widget asks for the same selection's rows a dozen times (each tier, edge, period):
-# the filters are resolved once per selection and each read clones the result. The
-# cached querysets are never evaluated themselves, and their SQL depends on the
-# selection alone.
-@lru_cache(maxsize=256)
-def _raw_events_base(sel: Selection) -> QuerySet:
-    return UsageEvent.objects.filter(_event_filters(sel))
-
-
 def _rollup_rows(sel: Selection, family: str, grain: int) -> QuerySet:
-    """The selection's rows of `family`'s roll-up of `grain` (a fresh clone)."""
-    return _rollup_rows_base(sel, family, grain).all()
-
-
-@lru_cache(maxsize=256)
-def _rollup_rows_base(sel: Selection, family: str, grain: int) -> QuerySet:
     """The selection's rows of `family`'s roll-up of `grain`: the org-wide families only
     where the scope covers the whole selected organizations, else the wide one behind
     the gate."""
@@ -537,7 +517,7 @@ def _raw_grouped_ranges(
     values = list(dims) or ["organization_id"]
     branches = []
     for in_range in _range_qs(ranges):
-        qs = _raw_events(sel).filter(in_range)
+        qs = UsageEvent.objects.filter(_event_filters(sel)).filter(in_range)
         fields = values
         if bucketing is not None:
             qs = qs.annotate(_minute=TruncMinute("timestamp", tzinfo=UTC))
@@ -714,7 +694,7 @@ def distinct_counts(sel: Selection, columns: tuple[str, ...]) -> dict[str, int]:
         else _plan_tiers(tuple(dict(FAMILIES[family])), start, end, None)
     )
     branches = [
-        _raw_events(sel).filter(in_range)
+        UsageEvent.objects.filter(_event_filters(sel)).filter(in_range)
         for in_range in _range_qs(raw_ranges)
     ] + [
         _rollup_rows(sel, family, grain).filter(bucket__gte=a, bucket__lt=b)
@@ -824,7 +804,7 @@ class _HistogramPlan:
     def raw_querysets(self, sel: Selection) -> list[QuerySet]:
         """The raw events of the edges, one indexed query each."""
         return [
-            _raw_events(sel).filter(q)
+            UsageEvent.objects.filter(_event_filters(sel)).filter(q)
             for q in _range_qs(self.raw_ranges)
         ]
 
@@ -987,7 +967,7 @@ def latency_percentile(sel: Selection, q: float = 0.95) -> float | None:
     ~2 %), exact from raw events otherwise."""
     plan = _histogram_plan(sel)
     if plan is None:
-        raw_qs = _raw_events(sel)
+        raw_qs = UsageEvent.objects.filter(_event_filters(sel))
         return _raw_percentile(raw_qs.filter(timestamp__gte=sel.start, timestamp__lt=sel.end), q)
     return _hist_percentiles(sel, plan, {o: "all" for o in _all_operations(sel)}, q)["all"]
 
@@ -1241,7 +1221,7 @@ def _hist_series(
                 F("bucket"),
                 move,
             )
-        raw_qs = _raw_events(sel)
+        raw_qs = UsageEvent.objects.filter(_event_filters(sel))
         pieces = [(a, b) for _home, _target, a, b in raw_pieces]
         for piece, operation, index, n in _tuples(_piece_latencies(raw_qs, pieces)):
             if operation in group_of:
@@ -1317,7 +1297,7 @@ def _raw_series(
     """Exact p-quantiles per group and chart bucket from raw events: on PostgreSQL one
     percentile_disc scan grouped by bucket and group, elsewhere sorted in Python."""
     start, end = _epoch(sel.start), _epoch(sel.end)
-    qs = _raw_events(sel).filter(
+    qs = UsageEvent.objects.filter(_event_filters(sel)).filter(
         timestamp__gte=sel.start, timestamp__lt=sel.end
     )
     out: dict[str, dict[int, float | None]] = defaultdict(dict)
