@@ -55,7 +55,7 @@ from metering.models import NANOS_PER_USD, PoolCategory, ResourceType, UsageEven
 from .exports import csv_rows
 from .filters import FILTER_PARAMS, Period, UsageFilter
 from .queries import totals
-from .visibility import scope_parts, viewer_scope, visible_events, visible_events_in
+from .visibility import scope_parts, viewer_scope, visible_events
 
 logger = logging.getLogger(__name__)
 
@@ -172,15 +172,6 @@ class EventLogFilter(UsageFilter):
         if period is not None:
             # An export running later must read the same window the person asked for.
             self._period = period
-
-    @property
-    def qs(self):
-        if not hasattr(self, "_qs") and not (self.is_bound and not self.is_valid()):
-            org = self.selected_org()
-            if org is not None:
-                # Within one organization the gate can say it in one indexable predicate.
-                self.queryset = visible_events_in(self.viewer, (org.id,))
-        return super().qs
 
     def filter_nothing(self, queryset, name, value):
         return queryset  # applied together in filter_queryset
