@@ -535,9 +535,9 @@ class _TierReads:
     (`_part`), and its rows go to its own handler."""
 
     def __init__(self, family: str, dims: tuple[str, ...]):
-        self.family = family
         self.dims = dims
         self.fields = list(dims) or ["organization_id"]
+        self.aggregates = _rollup_aggregates(family)
         self.branches: list[QuerySet] = []
         self.handlers: list = []
 
@@ -547,9 +547,7 @@ class _TierReads:
             _k=key if key is not None else Value(0, output_field=BigIntegerField()),
         )
         self.branches.append(
-            qs.values(*self.fields, "_part", "_k")
-            .annotate(**_rollup_aggregates(self.family))
-            .order_by()
+            qs.values(*self.fields, "_part", "_k").annotate(**self.aggregates).order_by()
         )
         self.handlers.append(on_row)
 
@@ -557,7 +555,7 @@ class _TierReads:
         if not self.branches:
             return
         union = _union_all(self.branches)
-        names = [*self.fields, "_part", "_k", *_rollup_aggregates(self.family)]
+        names = [*self.fields, "_part", "_k", *self.aggregates]
         for values in _tuples(union):
             row = dict(zip(names, values, strict=True))
             group = tuple(_rollup_value(d, row[d]) for d in self.dims)
@@ -1216,11 +1214,8 @@ def _hist_series(
                 count((group, home_key), index, -n)
                 count((group, target), index, n)
 
-            read(
-                _histogram_rows(sel, family, g).filter(bucket__in=sorted(buckets)),
-                F("bucket"),
-                move,
-            )
+            for rows, sign in _histogram_reads(sel, family, g):
+                read(rows.filter(bucket__in=sorted(buckets)), F("bucket"), move, sign)
         raw_qs = UsageEvent.objects.filter(_event_filters(sel))
         pieces = [(a, b) for _home, _target, a, b in raw_pieces]
         for piece, operation, index, n in _tuples(_piece_latencies(raw_qs, pieces)):
