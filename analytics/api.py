@@ -14,7 +14,7 @@ from accounts.tokens import bearer_secret, token_authenticate
 from metering.models import nanos_to_usd
 
 from .queries import WIDTHS, Bucketing, Selection, grouped_totals
-from .visibility import Scope, viewer_scope
+from .visibility import Scope, organization_scope, viewer_scope
 
 GROUP_COLUMNS = {
     "model": "model",
@@ -53,7 +53,7 @@ def api_reader(request) -> tuple[Scope, tuple[int, ...]] | None:
         if token is None:
             return None
         if token.owner is None:
-            return Scope(org_ids=frozenset({token.organization_id})), (token.organization_id,)
+            return organization_scope(token.organization_id), (token.organization_id,)
         return viewer_scope(token.owner), (token.organization_id,)
     if request.user.is_authenticated:
         return viewer_scope(request.user), ()

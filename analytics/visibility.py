@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from django.db.models import BigIntegerField, Q, QuerySet, Value
 
 from accounts.models import ApiToken, Membership, Organization, Project, Role, Team, User
+from metering.aggregates import rollups_fold
 from metering.models import ScopeKeyDaily, ScopeUsage15m, UsageEvent
 
 # The role column's value for rows of owned API tokens in viewer_scope's one query.
@@ -43,10 +44,18 @@ class Scope:
         return bool(org_ids) and set(org_ids) <= self.org_ids
 
 
-def viewer_scope(user) -> Scope:
-    """The scope of `user`, computed once per request object."""
+def viewer_scope(user, *, fold: bool = True) -> Scope:
+    """The scope of `user`, computed once per request object.
+
+    Every read of the roll-ups starts here, so here events that ingestion listed and no
+    worker folded yet are counted first (`fold`; only a reader of the budget spend
+    counters, which ingestion keeps itself, passes False): what the viewer sees
+    includes every event ingested before the request.
+    """
     cached = getattr(user, "_usage_scope", None)
     if cached is not None:
+        if fold:
+            _fold_for(user, cached)
         return cached
     if not getattr(user, "is_authenticated", False) or not user.is_active:
         scope = Scope()
@@ -92,7 +101,28 @@ def viewer_scope(user) -> Scope:
         )
     if getattr(user, "is_authenticated", False):
         user._usage_scope = scope
+        if fold:
+            _fold_for(user, scope)
     return scope
+
+
+def _fold_for(user, scope: Scope) -> None:
+    """Fold the pending events of every organization `scope` reaches, once per request."""
+    if getattr(user, "_usage_folded", False):
+        return
+    user._usage_folded = True
+    if scope.everything:
+        rollups_fold(None)
+    else:
+        rollups_fold(scope.org_ids | scope.member_org_ids | scope.token_org_ids)
+
+
+def organization_scope(organization_id: int, *, fold: bool = True) -> Scope:
+    """The scope of a reader of one whole organization (an API token with no owner),
+    after folding its pending events (see viewer_scope)."""
+    if fold:
+        rollups_fold([organization_id])
+    return Scope(org_ids=frozenset({organization_id}))
 
 
 def scope_q(scope: Scope) -> Q:

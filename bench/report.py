@@ -234,13 +234,17 @@ def markdown(report: dict) -> str:
             f"## Ingestion over HTTP (gunicorn, {report.get('gunicorn_workers', '?')} workers, "
             "batches of 500)",
             "",
-            "| clients | events | events/s | p50 batch ms | p95 batch ms |",
-            "|---:|---|---:|---:|---:|",
+            f"Roll-ups: {report.get('ingest_rollups', 'counted in the ingest transaction')}; "
+            '"folded after" is how long after the last answer no event was pending any more.',
+            "",
+            "| clients | events | events/s | p50 batch ms | p95 batch ms | folded after s |",
+            "|---:|---|---:|---:|---:|---:|",
         ]
         for r in report["ingest"]:
+            lag = r.get("fold_lag_s")
             lines.append(
                 f"| {r['clients']} | {r['events']} | {r['events_per_s']:,} | "
-                f"{r['p50_batch_ms']} | {r['p95_batch_ms']} |"
+                f"{r['p50_batch_ms']} | {r['p95_batch_ms']} | {'' if lag is None else lag} |"
             )
         db = report.get("db_upsert")
         if db:

@@ -21,7 +21,10 @@ docs/architecture.md):
   workflow (org-wide active users, assistants, workflows, top users, ranked tokens).
 
 Increments are upserts `ON CONFLICT ... DO UPDATE SET x = x + EXCLUDED.x`, sent in
-key order so that concurrent writers lock rows in the same order.
+key order so that concurrent writers lock rows in the same order. On PostgreSQL live
+ingestion lists its new events in RollupPending and `rollups_fold` counts them (a worker
+right after the batch, or the next reader first): one fold of many batches upserts each
+roll-up row once, where every batch would have upserted it again.
 """
 
 import math
@@ -48,6 +51,7 @@ from .models import (
     OrgUsage15m,
     OrgUsageDaily,
     OrgUsageHourly,
+    RollupPending,
     ScopeKeyDaily,
     ScopeUsage15m,
     ScopeUsageDaily,
@@ -395,11 +399,12 @@ LATENCY_BUCKET_SQL = (
 _EPOCH_SQL = "floor(extract(epoch FROM {col}))::bigint"
 
 
-def rollup_sql(source: str) -> list[str]:
-    """The SQL twin of `compute_rollups` + `write_rollups` + the budget spend counters:
-    one `INSERT ... SELECT ... FROM source GROUP BY key ORDER BY key ON CONFLICT DO
-    UPDATE SET x = x + EXCLUDED.x` per table, over the rows of `source` (a table or a
-    WITH query holding FACT_FIELDS of freshly inserted events). PostgreSQL only."""
+def rollup_sql(source: str, *, spend: bool = True) -> list[str]:
+    """The SQL twin of `compute_rollups` + `write_rollups` (+ the budget spend counters
+    unless `spend` is false): one `INSERT ... SELECT ... FROM source GROUP BY key ORDER
+    BY key ON CONFLICT DO UPDATE SET x = x + EXCLUDED.x` per table, over the rows of
+    `source` (a table or a WITH query holding FACT_FIELDS of freshly inserted events).
+    PostgreSQL only."""
     epoch = _EPOCH_SQL.format(col='"timestamp"')
     bucket = f"({epoch} - {epoch} % {BUCKET_SECONDS})"
     hour = f"({epoch} - {epoch} % {HOUR_SECONDS})"
@@ -530,6 +535,14 @@ def rollup_sql(source: str) -> list[str]:
         ("requests",),
         "count(*)",
     )
+    counts = [*usage, *actors, *hists, scope_hist, model_hist, part_hist, scope_keys]
+    return [*counts, spend_sql(source)] if spend else counts
+
+
+def spend_sql(source: str) -> str:
+    """The budget spend counters' upsert over the rows of `source` (see rollup_sql)."""
+    epoch = _EPOCH_SQL.format(col='"timestamp"')
+    bucket = f"({epoch} - {epoch} % {BUCKET_SECONDS})"
     spend_table = _q(BudgetSpend15m._meta.db_table)
     subjects = " UNION ALL ".join(
         f"SELECT organization_id, '{subject}' AS subject, {column} AS subject_id, "
@@ -543,14 +556,85 @@ def rollup_sql(source: str) -> list[str]:
             ("token", "api_token_id"),
         )
     )
-    spend = (
+    return (
         f"INSERT INTO {spend_table} (organization_id, subject, subject_id, bucket, cost_nanos) "
         f"SELECT organization_id, subject, subject_id, bucket, sum(cost_nanos) FROM ({subjects}) s "
         "GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4 "
         "ON CONFLICT (organization_id, subject, subject_id, bucket) "
         f"DO UPDATE SET cost_nanos = {spend_table}.cost_nanos + EXCLUDED.cost_nanos"
     )
-    return [*usage, *actors, *hists, scope_hist, model_hist, part_hist, scope_keys, spend]
+
+
+# ---------------------------------------------------------------------------------------
+# Folding what live ingestion listed as pending (PostgreSQL)
+
+# pg_advisory_xact_lock(class, organization id): held by a fold, a rebuild and a check of
+# one organization's roll-ups, so they never interleave.
+_FOLD_LOCK_CLASS = 7270
+
+
+def _lock_org(cursor, org_id: int) -> None:
+    cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [_FOLD_LOCK_CLASS, int(org_id)])
+
+
+def _not_pending(org_id: int, alias: str) -> str:
+    """SQL condition: event `alias` of `org_id` is not listed as pending."""
+    return (
+        f"NOT EXISTS (SELECT 1 FROM {_q(RollupPending._meta.db_table)} p "
+        f"WHERE p.organization_id = {int(org_id)} AND p.event_id = {alias}.id)"
+    )
+
+
+def fold_sql(org_id: int) -> str:
+    """One statement: delete `org_id`'s pending rows and count their events in every
+    roll-up (not the spend counters: ingestion counted those)."""
+    from .models import UsageEvent
+
+    org = int(org_id)
+    events = _q(UsageEvent._meta.db_table)
+    facts = ", ".join(f"e.{_q(c)}" for c in FACT_FIELDS)
+    counted = ", ".join(f"r{i} AS ({sql})" for i, sql in enumerate(rollup_sql("src", spend=False)))
+    return (
+        f"WITH d AS (DELETE FROM {_q(RollupPending._meta.db_table)} "
+        f"WHERE organization_id = {org} RETURNING event_id), "
+        f"src AS (SELECT {facts} FROM {events} e JOIN d ON e.id = d.event_id "
+        f"WHERE e.organization_id = {org}), {counted} "
+        "SELECT count(*) FROM src"
+    )
+
+
+def pending_orgs(org_ids: Iterable[int] | None = None) -> list[int]:
+    """Organizations (of `org_ids`, or all) with events not yet in the roll-ups."""
+    if connection.vendor != "postgresql":
+        return []
+    table = _q(RollupPending._meta.db_table)
+    with connection.cursor() as cursor:
+        if org_ids is None:
+            cursor.execute(f"SELECT DISTINCT organization_id FROM {table}")
+        else:
+            ids = sorted({int(i) for i in org_ids})
+            if not ids:
+                return []
+            cursor.execute(
+                f"SELECT DISTINCT organization_id FROM {table} WHERE organization_id = ANY(%s)",
+                [ids],
+            )
+        return sorted(row[0] for row in cursor.fetchall())
+
+
+def rollups_fold(org_ids: Iterable[int] | None = None) -> int:
+    """Count every pending event of `org_ids` (or of all organizations) in the roll-ups;
+    returns how many. One transaction per organization, under its fold lock: a second
+    fold waits for the first and then finds only what was listed since."""
+    from django.db import transaction
+
+    folded = 0
+    for org_id in pending_orgs(org_ids):
+        with transaction.atomic(), connection.cursor() as cursor:
+            _lock_org(cursor, org_id)
+            cursor.execute(fold_sql(org_id))
+            folded += cursor.fetchone()[0]
+    return folded
 
 
 # ---------------------------------------------------------------------------------------
@@ -603,21 +687,35 @@ def reconcile_day(org_id: int, day_start: int) -> list[str]:
     """Recompute one organization's roll-ups for one UTC day from raw events and compare."""
     from datetime import UTC, datetime
 
+    from django.db import transaction
+    from django.db.models import Exists, OuterRef
+
     from .models import UsageEvent
 
     day_end = day_start + DAY_SECONDS
-    events = UsageEvent.objects.filter(
-        organization_id=org_id,
-        timestamp__gte=datetime.fromtimestamp(day_start, UTC),
-        timestamp__lt=datetime.fromtimestamp(day_end, UTC),
-    ).values_list(*FACT_FIELDS)
-    facts = (EventFacts(*row) for row in events.iterator(chunk_size=5000))
-    expected = compute_rollups(facts)
-    problems = []
-    for rollup in ROLLUPS:
-        stored = _stored(rollup.model, rollup.keys, rollup.measures, org_id, day_start, day_end)
-        want = {key: list(values) for key, values in expected[rollup.model].items()}
-        problems += _diff(rollup.label, want, stored)
+    # Events still pending are not in the roll-ups yet: compare without them, with folds
+    # of this organization held off until the comparison is done.
+    pending = RollupPending.objects.filter(organization_id=org_id, event_id=OuterRef("id"))
+    events = (
+        UsageEvent.objects.filter(
+            organization_id=org_id,
+            timestamp__gte=datetime.fromtimestamp(day_start, UTC),
+            timestamp__lt=datetime.fromtimestamp(day_end, UTC),
+        )
+        .exclude(Exists(pending))
+        .values_list(*FACT_FIELDS)
+    )
+    with transaction.atomic():
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                _lock_org(cursor, org_id)
+        facts = (EventFacts(*row) for row in events.iterator(chunk_size=5000))
+        expected = compute_rollups(facts)
+        problems = []
+        for rollup in ROLLUPS:
+            stored = _stored(rollup.model, rollup.keys, rollup.measures, org_id, day_start, day_end)
+            want = {key: list(values) for key, values in expected[rollup.model].items()}
+            problems += _diff(rollup.label, want, stored)
     return problems
 
 
@@ -670,6 +768,9 @@ def rebuild_day(org_id: int, day_start: int) -> None:
     day_end = day_start + DAY_SECONDS
     start, end = (datetime.fromtimestamp(t, UTC) for t in (day_start, day_end))
     with transaction.atomic():
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                _lock_org(cursor, org_id)
         for rollup in ROLLUPS:
             rollup.model.objects.filter(
                 organization_id=org_id, bucket__gte=day_start, bucket__lt=day_end
@@ -686,13 +787,18 @@ def rebuild_day(org_id: int, day_start: int) -> None:
             organization_id=org_id, bucket__gte=day_start, bucket__lt=day_end
         ).delete()
         # The day's events as the source of the same SQL ingestion runs (all values are
-        # integers and instants computed here, never input).
+        # integers and instants computed here, never input). Events still pending are
+        # left to their fold (held off by the lock until this commits); their spend was
+        # counted at ingest, so the spend counters take every event of the day.
         table = _q(UsageEvent._meta.db_table)
-        source = (
-            f"(SELECT * FROM {table} WHERE organization_id = {int(org_id)} "
+        day = (
+            f"SELECT * FROM {table} e WHERE organization_id = {int(org_id)} "
             f"AND \"timestamp\" >= '{start.isoformat()}' "
-            f"AND \"timestamp\" < '{end.isoformat()}') AS day_events"
+            f"AND \"timestamp\" < '{end.isoformat()}'"
         )
         with connection.cursor() as cursor:
-            for sql in rollup_sql(source):
+            for sql in rollup_sql(
+                f"({day} AND {_not_pending(org_id, 'e')}) AS day_events", spend=False
+            ):
                 cursor.execute(sql)
+            cursor.execute(spend_sql(f"({day}) AS day_events"))

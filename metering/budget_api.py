@@ -31,7 +31,7 @@ from django.views.decorators.http import require_GET
 
 from accounts.models import ApiToken, Membership, Project, Team, TokenScope
 from accounts.tokens import bearer_secret, token_authenticate
-from analytics.visibility import Scope, viewer_scope
+from analytics.visibility import Scope, organization_scope, viewer_scope
 
 from .budgets import (
     BudgetStatus,
@@ -73,9 +73,10 @@ class NotFound(Exception):
 
 
 def _reader(token: ApiToken) -> Scope:
+    # The check reads the budget spend counters, which ingestion keeps itself: no fold.
     if token.owner is None:
-        return Scope(org_ids=frozenset({token.organization_id}))
-    return viewer_scope(token.owner)
+        return organization_scope(token.organization_id, fold=False)
+    return viewer_scope(token.owner, fold=False)
 
 
 def _by_slug_or_id(model, organization_id: int, raw: str) -> int:

@@ -11,9 +11,10 @@ import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth.hashers import make_password
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
@@ -31,14 +32,15 @@ from accounts.models import (
     User,
 )
 
-from .aggregates import FACT_FIELDS, rollup_sql, rollups_add
-from .budgets import budgets_after_ingest
+from .aggregates import FACT_FIELDS, rollup_sql, rollups_add, spend_sql
+from .budgets import budgets_after_ingest, enqueue_safely
 from .models import (
     NANOS_PER_USD,
     CostSource,
     Operation,
     PoolCategory,
     ResourceType,
+    RollupPending,
     UsageEvent,
 )
 from .pools import pools_categorise
@@ -543,19 +545,30 @@ _INSERT_CHUNK = 500
 INGEST_STAGING = "ingest_staging"
 
 
-def insert_and_count_sql() -> str:
+def insert_and_count_sql(*, deferred: bool = False) -> str:
     """PostgreSQL: insert the batch staged in INGEST_STAGING (in request_id order) and
-    count the rows really inserted in every roll-up and spend counter; returns their ids."""
+    count the rows really inserted in the budget spend counters and every roll-up, or,
+    `deferred`, list them for the roll-ups' fold (RollupPending, see
+    aggregates.rollups_fold) instead; returns their request ids."""
     quote = connection.ops.quote_name
     table = quote(UsageEvent._meta.db_table)
     columns = ", ".join(quote(c) for c in EVENT_COLUMNS)
     facts = ", ".join(quote(c) for c in FACT_FIELDS)
-    counted = ", ".join(f"r{i} AS ({sql})" for i, sql in enumerate(rollup_sql("ins")))
+    if deferred:
+        pending = quote(RollupPending._meta.db_table)
+        counts = [
+            f"INSERT INTO {pending} (organization_id, event_id) "
+            "SELECT organization_id, id FROM ins ORDER BY id",
+            spend_sql("ins"),
+        ]
+    else:
+        counts = rollup_sql("ins")
+    counted = ", ".join(f"r{i} AS ({sql})" for i, sql in enumerate(counts))
     return (
         f"WITH ins AS (INSERT INTO {table} ({columns}) SELECT {columns} "
         f"FROM {INGEST_STAGING} ORDER BY request_id "
         f"ON CONFLICT (organization_id, request_id) DO NOTHING "
-        f"RETURNING request_id, {facts}), {counted} "
+        f"RETURNING id, request_id, {facts}), {counted} "
         "SELECT request_id FROM ins"
     )
 
@@ -575,10 +588,10 @@ def _stage(cursor, rows: list[tuple]) -> None:
             copy.write_row(row)
 
 
-def _insert_new(rows: list[tuple]) -> tuple[set[str], bool]:
+def _insert_new(rows: list[tuple], deferred: bool) -> tuple[set[str], bool]:
     """INSERT ... ON CONFLICT DO NOTHING; returns (the request ids that were new, whether
-    the roll-ups and budget spend counters were updated for them in the same statement).
-    """
+    the budget spend counters, and the roll-ups or their pending list, were updated for
+    them in the same statement)."""
     table = UsageEvent._meta.db_table
     quote = connection.ops.quote_name
     columns = ", ".join(quote(c) for c in EVENT_COLUMNS)
@@ -588,11 +601,12 @@ def _insert_new(rows: list[tuple]) -> tuple[set[str], bool]:
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
             # The batch COPYed into a staging table, then one statement: the events in
-            # request_id order, and every roll-up and spend counter from the rows that
-            # insert really returned (aggregates.rollup_sql, one data-modifying WITH query
-            # per table, keys in order). No roll-up rows built or sent from Python.
+            # request_id order, and the spend counters and every roll-up (or, deferred,
+            # the pending list) from the rows that insert really returned (one
+            # data-modifying WITH query per table, keys in order). No roll-up rows
+            # built or sent from Python.
             _stage(cursor, rows)
-            cursor.execute(insert_and_count_sql())
+            cursor.execute(insert_and_count_sql(deferred=deferred))
             inserted.update(r[0] for r in cursor.fetchall())
             return inserted, True
         for start in range(0, len(rows), _INSERT_CHUNK):
@@ -606,6 +620,14 @@ def _insert_new(rows: list[tuple]) -> tuple[set[str], bool]:
             cursor.execute(sql, params)
             inserted.update(r[0] for r in cursor.fetchall())
     return inserted, False
+
+
+def _fold_soon(organization_id: int) -> None:
+    """After commit: a worker folds the batch into the roll-ups (in-process, right here,
+    with eager tasks). If the broker is down, the next read folds it."""
+    from .tasks import rollups_fold
+
+    enqueue_safely(rollups_fold, organization_id)
 
 
 def _adapt(value):
@@ -645,11 +667,14 @@ def ingest_batch(
             result.rejected.extend(_resolve(candidates, organization, token))
             token_id = token.id if token else None
             rows = [_row(e, organization.id, token_id, now) for e in candidates]
-            inserted, counted = _insert_new(rows) if rows else (set(), True)
+            deferred = settings.ROLLUPS_DEFERRED and connection.vendor == "postgresql"
+            inserted, counted = _insert_new(rows, deferred) if rows else (set(), True)
             new_events = [e for e in candidates if e.request_id in inserted]
             pools_categorise(organization=organization, events=new_events)
             if not counted:
                 rollups_add(organization.id, token_id, new_events)
+            elif deferred and new_events:
+                transaction.on_commit(partial(_fold_soon, organization.id))
             budgets_after_ingest(
                 organization=organization,
                 token_id=token_id,

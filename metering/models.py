@@ -433,6 +433,27 @@ class ScopeKeyDaily(models.Model):  # noqa: DJ008
         db_table = "metering_scope_key_daily"
 
 
+class RollupPending(models.Model):  # noqa: DJ008
+    """Events stored and not yet counted in the roll-ups (PostgreSQL ingestion).
+
+    Ingestion answers once an event, its row here and its budget spend are committed;
+    `aggregates.rollups_fold` counts the events listed here in every roll-up and deletes
+    their rows, in one transaction. A worker folds right after each batch, and every
+    read of the roll-ups folds what is still listed first (`visibility.viewer_scope`),
+    so what a reader sees is exact whether or not a worker runs. No foreign key: an
+    event removed before its fold is skipped.
+    """
+
+    pk = models.CompositePrimaryKey("organization", "event_id")
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, db_constraint=False, db_index=False
+    )
+    event_id = models.BigIntegerField()
+
+    class Meta:
+        db_table = "metering_rollup_pending"
+
+
 class LatencyHistogramOrg(models.Model):
     """Counts of events per log-spaced latency bucket, per organization, time bucket and
     operation. p95 is read from here for org-wide views: the buckets grow by

@@ -3,13 +3,15 @@
 budget_check   a batch (or a budget change) may have crossed a threshold: record alerts
 alert_deliver  send one alert (email + webhooks); retried with exponential backoff
 budgets_sweep  periodic (beat): alerts a lost message missed, deliveries never finished
+rollups_fold   count events ingestion listed as pending in the roll-ups (after a batch,
+               and periodically for all organizations, for a lost message)
 """
 
 from celery import shared_task
 from django.conf import settings
 from django.db import transaction
 
-from . import budgets
+from . import aggregates, budgets
 from .models import Budget
 
 
@@ -45,3 +47,8 @@ def alert_deliver(self, alert_id: int) -> str:
 def budgets_sweep() -> dict:
     result = budgets.budgets_sweep()
     return {"checked": result.checked, "created": result.created, "resent": result.resent}
+
+
+@shared_task(name="metering.rollups_fold", acks_late=True, ignore_result=True)
+def rollups_fold(organization_id: int | None = None) -> int:
+    return aggregates.rollups_fold(None if organization_id is None else [organization_id])

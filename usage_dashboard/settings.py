@@ -177,6 +177,11 @@ CELERY_BEAT_SCHEDULE: dict = {
         "task": "metering.budgets_sweep",
         "schedule": env_int("BUDGETS_SWEEP_SECONDS", 300),
     },
+    # Events listed for the roll-ups whose fold message was lost (readers fold them too).
+    "rollups-fold": {
+        "task": "metering.rollups_fold",
+        "schedule": env_int("ROLLUPS_FOLD_SECONDS", 60),
+    },
 }
 
 # Email (Django 6.1 mailers). SMTP in production, the console in the demo.
@@ -214,6 +219,10 @@ INTEGRATION_MAX_BYTES = env_int("INTEGRATION_MAX_BYTES", 32 * 1024 * 1024)
 # Django must let the body through so the views can answer 413 themselves.
 DATA_UPLOAD_MAX_MEMORY_SIZE = max(INGEST_MAX_BYTES, INTEGRATION_MAX_BYTES) + 1024 * 1024
 INGEST_RATE_LIMIT_PER_MINUTE = env_int("INGEST_RATE_LIMIT_PER_MINUTE", 1200)
+# PostgreSQL with a worker: ingestion lists new events for the roll-ups and answers; the
+# worker folds them right after (readers fold what is left first, so reads stay exact).
+# Off (embedded mode, or no worker): the roll-ups are counted in the ingest transaction.
+ROLLUPS_DEFERRED = env_bool("ROLLUPS_DEFERRED", bool(REDIS_URL))
 # The budget check API remembers who a token is and which budgets apply for this long
 # (any change to them is seen at once, metering.check_cache); 0 turns that off.
 CHECK_CACHE_SECONDS = env_int("CHECK_CACHE_SECONDS", 30)

@@ -38,6 +38,10 @@ from tests.conftest import bearer
 from tests.factories import ingest
 from tests.metering import budget_helpers
 from tests.metering.budget_helpers import celery_broker, make_budget, post_events, spend_event
+from tests.services import REDIS_URL, WORKER
+from tests.services import database_url as _database_url
+from tests.services import redis_up as _redis_up
+from tests.services import wait_for as _wait
 
 webhook_receiver = budget_helpers.webhook_receiver
 
@@ -373,34 +377,6 @@ def test_an_alert_whose_delivery_was_lost_is_resent_by_the_sweep(
 # A real worker and the real Redis
 
 
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-
-
-def _redis_up() -> bool:
-    import redis
-
-    try:
-        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping())
-    except redis.RedisError:
-        return False
-
-
-def _database_url() -> str:
-    s = connection.settings_dict
-    auth = s["USER"] + (f":{s['PASSWORD']}" if s["PASSWORD"] else "")
-    return f"postgres://{auth}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
-
-
-WORKER = """
-import sys, django
-django.setup()
-from usage_dashboard.celery import app
-app.conf.task_default_queue = sys.argv[1]
-app.worker_main(["worker", "--pool=solo", "-Q", sys.argv[1], "--without-mingle",
-                 "--without-gossip", "--without-heartbeat", "-l", "INFO"])
-"""
-
-
 @pytest.mark.services
 @pytest.mark.django_db(transaction=True)
 def test_a_real_worker_sends_each_alert_once(personas, hook, webhook_receiver, tmp_path):
@@ -456,14 +432,3 @@ def test_a_real_worker_sends_each_alert_once(personas, hook, webhook_receiver, t
     assert sorted(p["threshold_percent"] for p in webhook_receiver.payloads()) == [50, 80]
     assert webhook_receiver.attempts == 3  # one failed attempt, retried once
     assert output.count("Subject: Budget ") == 2, output[-3000:]
-
-
-def _wait(condition, worker, log, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        if worker.poll() is not None:
-            pytest.fail(f"the worker exited:\n{log.read_text()[-3000:]}")
-        time.sleep(0.2)
-    pytest.fail(f"timed out; worker log:\n{log.read_text()[-3000:]}")

@@ -1,0 +1,45 @@
+"""Helpers of the `services` tests: the real Redis and a real Celery worker process."""
+
+import os
+import time
+
+import pytest
+from django.db import connection
+
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def redis_up() -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def database_url() -> str:
+    s = connection.settings_dict
+    auth = s["USER"] + (f":{s['PASSWORD']}" if s["PASSWORD"] else "")
+    return f"postgres://{auth}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
+
+
+WORKER = """
+import sys, django
+django.setup()
+from usage_dashboard.celery import app
+app.conf.task_default_queue = sys.argv[1]
+app.worker_main(["worker", "--pool=solo", "-Q", sys.argv[1], "--without-mingle",
+                 "--without-gossip", "--without-heartbeat", "-l", "INFO"])
+"""
+
+
+def wait_for(condition, worker, log, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if worker.poll() is not None:
+            pytest.fail(f"the worker exited:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    pytest.fail(f"timed out; worker log:\n{log.read_text()[-3000:]}")
