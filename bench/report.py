@@ -154,7 +154,9 @@ def markdown(report: dict) -> str:
         lines += [
             f"Bulk load: {load['events']:,} events in {load['seconds']} s "
             f"({load['events_per_s']:,} events/s, {load['workers']} workers, "
-            f"{load['chunk']:,} rows per transaction); VACUUM ANALYZE "
+            f"{load['chunk']:,} rows per transaction) with the events' secondary indexes "
+            f"dropped; CLUSTER {report.get('cluster_seconds', '?')} s; the secondary indexes "
+            f"built {report.get('index_build_seconds', '?')} s; VACUUM ANALYZE "
             f"{report.get('vacuum_analyze_seconds', '?')} s.",
             "",
         ]
