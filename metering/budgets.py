@@ -979,12 +979,13 @@ def alert_deliver(*, alert_id: int, retry: bool = False, now: datetime | None = 
 # Enqueueing: never let the broker fail or slow the caller
 
 
-def enqueue_safely(task, *args) -> bool:
-    """Send `task` without retrying the broker connection; log and return False when
-    the broker is unreachable (the beat sweep picks the work up later). With
-    CELERY_TASK_ALWAYS_EAGER the task runs here, and its failure is logged too."""
+def enqueue_safely(task, *args, **options) -> bool:
+    """Send `task` (with apply_async `options`) without retrying the broker connection;
+    log and return False when the broker is unreachable (the beat sweep picks the work
+    up later). With CELERY_TASK_ALWAYS_EAGER the task runs here, and its failure is
+    logged too."""
     try:
-        task.apply_async(args=args, retry=False)
+        task.apply_async(args=args, retry=False, **options)
     except Exception:
         log.warning(
             "could not run or enqueue %s%r; the sweep will retry", task.name, args, exc_info=True

@@ -7,6 +7,7 @@ every total, and a failure leaves nothing half-stored.
 """
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -16,6 +17,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.hashers import make_password
+from django.core.cache import cache
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
 from django.db import connection, transaction
@@ -45,6 +47,8 @@ from .models import (
 )
 from .pools import pools_categorise
 from .pricing import PriceBook, TokenCounts, cost_nanos, usd_to_nanos
+
+log = logging.getLogger(__name__)
 
 MAX_TOKENS = 2**53
 MAX_LABEL = 200
@@ -624,10 +628,27 @@ def _insert_new(rows: list[tuple], deferred: bool) -> tuple[set[str], bool]:
 
 def _fold_soon(organization_id: int) -> None:
     """After commit: a worker folds the batch into the roll-ups (in-process, right here,
-    with eager tasks). If the broker is down, the next read folds it."""
+    with eager tasks). If the broker is down, the next read folds it.
+
+    With a worker, the first batch of an organization in ROLLUPS_FOLD_WAIT_SECONDS
+    schedules one fold a little after that window closes, and the batches inside the
+    window schedule nothing: every batch committed in the window is then folded by that
+    one task (its statement starts after they committed), and each roll-up row is
+    upserted once per window instead of once per batch.
+    """
     from .tasks import rollups_fold
 
-    enqueue_safely(rollups_fold, organization_id)
+    wait = settings.ROLLUPS_FOLD_WAIT_SECONDS
+    if wait <= 0 or rollups_fold.app.conf.task_always_eager:
+        enqueue_safely(rollups_fold, organization_id)
+        return
+    try:
+        first = cache.add(f"rollups-fold:{organization_id}", 1, timeout=wait)
+    except Exception:  # the cache is down: schedule a fold for every batch
+        log.warning("cache unavailable; folding without a window", exc_info=True)
+        first = True
+    if first:
+        enqueue_safely(rollups_fold, organization_id, countdown=wait + 0.5)
 
 
 def _adapt(value):

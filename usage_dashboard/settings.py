@@ -223,6 +223,8 @@ INGEST_RATE_LIMIT_PER_MINUTE = env_int("INGEST_RATE_LIMIT_PER_MINUTE", 1200)
 # worker folds them right after (readers fold what is left first, so reads stay exact).
 # Off (embedded mode, or no worker): the roll-ups are counted in the ingest transaction.
 ROLLUPS_DEFERRED = env_bool("ROLLUPS_DEFERRED", bool(REDIS_URL))
+# A worker folds an organization's new events at most once per this many seconds.
+ROLLUPS_FOLD_WAIT_SECONDS = env_int("ROLLUPS_FOLD_WAIT_SECONDS", 1)
 # The budget check API remembers who a token is and which budgets apply for this long
 # (any change to them is seen at once, metering.check_cache); 0 turns that off.
 CHECK_CACHE_SECONDS = env_int("CHECK_CACHE_SECONDS", 30)

@@ -168,10 +168,14 @@ def test_events_removed_before_their_fold_are_skipped(personas, deferred):
 
 @pytest.mark.services
 @pytest.mark.django_db(transaction=True)
-def test_a_real_worker_folds_each_batch_after_it_is_answered(personas, settings, tmp_path):
+def test_a_real_worker_folds_the_batches_of_a_window_at_once(personas, settings, tmp_path):
     if not redis_up():
         pytest.skip(f"no Redis at {REDIS_URL}")
     settings.ROLLUPS_DEFERRED = True
+    settings.ROLLUPS_FOLD_WAIT_SECONDS = 5  # wide enough for the three batches below
+    settings.CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}
+    }
     queue = f"test-fold-{uuid.uuid4().hex[:8]}"
     log = tmp_path / "worker.log"
     env = dict(
@@ -202,4 +206,6 @@ def test_a_real_worker_folds_each_batch_after_it_is_answered(personas, settings,
     assert UsageEvent.objects.filter(organization=personas.org).count() == 75
     for model in (OrgUsage15m, ScopeUsage15m):
         assert _rolled(model, personas.org) == _raw(personas.org)
-    assert "metering.rollups_fold" in log.read_text()
+    # One fold for the three batches: the first scheduled it, the others were inside
+    # its window.
+    assert log.read_text().count("Task metering.rollups_fold[") == 2, log.read_text()[-3000:]
