@@ -9,13 +9,9 @@ worker against the real Redis and PostgreSQL.
 import hashlib
 import hmac
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
-import uuid
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
@@ -38,8 +34,7 @@ from tests.conftest import bearer
 from tests.factories import ingest
 from tests.metering import budget_helpers
 from tests.metering.budget_helpers import celery_broker, make_budget, post_events, spend_event
-from tests.services import REDIS_URL, WORKER
-from tests.services import database_url as _database_url
+from tests.services import REDIS_URL, celery_worker
 from tests.services import redis_up as _redis_up
 from tests.services import wait_for as _wait
 
@@ -384,49 +379,29 @@ def test_a_real_worker_sends_each_alert_once(personas, hook, webhook_receiver, t
         pytest.skip("the worker shares the test database: run with DATABASE_URL (PostgreSQL)")
     if not _redis_up():
         pytest.skip(f"no Redis at {REDIS_URL}")
-    queue = f"test-budgets-{uuid.uuid4().hex[:8]}"
-    log = tmp_path / "worker.log"
-    env = dict(
-        os.environ,
-        DJANGO_SETTINGS_MODULE="usage_dashboard.settings",
-        DATABASE_URL=_database_url(),
-        DATABASE_CONN_MAX_AGE="0",
-        REDIS_URL=REDIS_URL,
+    budget = now_budget(personas.org, "org", "10")
+    webhook_receiver.fail_next(1)  # the first webhook attempt fails: a real retry
+    with celery_worker(
+        tmp_path,
+        "budgets",
         EMAIL_BACKEND="django.core.mail.backends.console.EmailBackend",
         BUDGET_WEBHOOK_ALLOW_PRIVATE="true",
         BUDGET_ALERT_RETRY_SECONDS="1",
-        USAGE_ENV="development",
-    )
-    env.pop("DATA_DIR", None)
-    budget = now_budget(personas.org, "org", "10")
-    webhook_receiver.fail_next(1)  # the first webhook attempt fails: a real retry
-    with log.open("w") as out:
-        worker = subprocess.Popen(  # noqa: S603 - our own interpreter and code
-            [sys.executable, "-c", WORKER, queue], env=env, stdout=out, stderr=subprocess.STDOUT
+    ) as (worker, log):
+        # Two batches cross 50 % and then 80 %; extra checks and a duplicate
+        # delivery message must not send anything twice.
+        ingest(personas.org, [recent_spend("6")])
+        ingest(personas.org, [recent_spend("2.5")])
+        tasks.budget_check.delay(budget.id)
+        _wait(lambda: BudgetAlert.objects.filter(budget=budget).count() == 2, worker, log)
+        for alert_id in BudgetAlert.objects.values_list("id", flat=True):
+            tasks.alert_deliver.delay(alert_id)
+        _wait(
+            lambda: set(BudgetAlert.objects.values_list("state", flat=True)) == {"sent"},
+            worker,
+            log,
         )
-    try:
-        with celery_broker(REDIS_URL) as app:
-            app.conf.task_default_queue = queue
-            try:
-                # Two batches cross 50 % and then 80 %; extra checks and a duplicate
-                # delivery message must not send anything twice.
-                ingest(personas.org, [recent_spend("6")])
-                ingest(personas.org, [recent_spend("2.5")])
-                tasks.budget_check.delay(budget.id)
-                _wait(lambda: BudgetAlert.objects.filter(budget=budget).count() == 2, worker, log)
-                for alert_id in BudgetAlert.objects.values_list("id", flat=True):
-                    tasks.alert_deliver.delay(alert_id)
-                _wait(
-                    lambda: set(BudgetAlert.objects.values_list("state", flat=True)) == {"sent"},
-                    worker,
-                    log,
-                )
-                time.sleep(2)  # give any duplicate a chance to show up
-            finally:
-                app.conf.task_default_queue = "celery"
-    finally:
-        worker.terminate()
-        worker.wait(timeout=30)
+        time.sleep(2)  # give any duplicate a chance to show up
     output = log.read_text()
     assert thresholds_alerted(budget) == [50, 80]
     assert sorted(p["threshold_percent"] for p in webhook_receiver.payloads()) == [50, 80]

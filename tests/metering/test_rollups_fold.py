@@ -7,10 +7,6 @@ Tests run inside a transaction, so the fold that ingestion schedules after commi
 not run unless a test runs the commit callbacks itself.
 """
 
-import os
-import subprocess
-import sys
-import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -21,8 +17,7 @@ from metering.aggregates import DAY_SECONDS, rebuild_day, reconcile_day, rollups
 from metering.models import BudgetSpend15m, OrgUsage15m, RollupPending, ScopeUsage15m, UsageEvent
 from tests.conftest import bearer
 from tests.factories import event_payload, ingest
-from tests.metering.budget_helpers import celery_broker
-from tests.services import REDIS_URL, WORKER, database_url, redis_up, wait_for
+from tests.services import REDIS_URL, celery_worker, redis_up, wait_for
 
 pytestmark = pytest.mark.skipif(
     connection.vendor != "postgresql", reason="deferred roll-ups are a PostgreSQL path"
@@ -176,33 +171,10 @@ def test_a_real_worker_folds_the_batches_of_a_window_at_once(personas, settings,
     settings.CACHES = {
         "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}
     }
-    queue = f"test-fold-{uuid.uuid4().hex[:8]}"
-    log = tmp_path / "worker.log"
-    env = dict(
-        os.environ,
-        DJANGO_SETTINGS_MODULE="usage_dashboard.settings",
-        DATABASE_URL=database_url(),
-        DATABASE_CONN_MAX_AGE="0",
-        REDIS_URL=REDIS_URL,
-        USAGE_ENV="development",
-    )
-    env.pop("DATA_DIR", None)
-    with log.open("w") as out:
-        worker = subprocess.Popen(  # noqa: S603 - our own interpreter and code
-            [sys.executable, "-c", WORKER, queue], env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-    try:
-        with celery_broker(REDIS_URL) as app:
-            app.conf.task_default_queue = queue
-            try:
-                for n in range(3):
-                    ingest(personas.org, _batch(personas, 25, f"worker-{n}"))
-                wait_for(lambda: not RollupPending.objects.exists(), worker, log)
-            finally:
-                app.conf.task_default_queue = "celery"
-    finally:
-        worker.terminate()
-        worker.wait(timeout=30)
+    with celery_worker(tmp_path, "fold") as (worker, log):
+        for n in range(3):
+            ingest(personas.org, _batch(personas, 25, f"worker-{n}"))
+        wait_for(lambda: not RollupPending.objects.exists(), worker, log)
     assert UsageEvent.objects.filter(organization=personas.org).count() == 75
     for model in (OrgUsage15m, ScopeUsage15m):
         assert _rolled(model, personas.org) == _raw(personas.org)
