@@ -98,6 +98,24 @@ def cluster_order() -> list[tuple[str, str]]:
     return out
 
 
+def check_sample(org_days: list[tuple[int, int]], errors: list, log) -> dict:
+    """Compare the counted roll-ups with the raw events (metering.aggregates.reconcile_day,
+    in Python) for each organization's first, middle and last day; a mismatch is an error."""
+    from metering.aggregates import reconcile_day
+
+    by_org: dict[int, list[int]] = {}
+    for org_id, day in org_days:
+        by_org.setdefault(org_id, []).append(day)
+    sample = sorted({(o, d[i]) for o, d in by_org.items() for i in (0, len(d) // 2, -1)})
+    log(f"==> checking the roll-ups of {len(sample)} organization-days against the raw events")
+    problems = 0
+    for org_id, day in sample:
+        found = reconcile_day(org_id, day)
+        problems += len(found)
+        errors += [f"roll-up mismatch, organization {org_id}: {p}" for p in found[:5]]
+    return {"days": len(sample), "problems": problems}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--events", type=int, default=int(os.environ.get("N", 10_000_000)))
@@ -153,6 +171,38 @@ def main(argv=None) -> int:
             f"    {report['load']['events']:,} events in {report['load']['seconds']} s "
             f"({report['load']['events_per_s']:,} events/s)"
         )
+        # Live events arrive in time order, so a day's events (and roll-up rows) sit
+        # together on disk; the loader draws them over the whole range at random. Put
+        # them in the order production would have them, then count each day from them.
+        t0 = time.monotonic()
+        first = [(name, sql) for name, sql in dropped if name == CLUSTER_INDEX]
+        _log("==> the events' (organization, time) index")
+        create_indexes(first, _log)
+        _log("==> CLUSTER the events by (organization, time)")
+        connection.ensure_connection()
+        with connection.cursor() as cursor:
+            cursor.execute("SET maintenance_work_mem = '1GB'")
+            cursor.execute(f'CLUSTER "{EVENTS_TABLE}" USING "{CLUSTER_INDEX}"')
+            cursor.execute(f'ANALYZE "{EVENTS_TABLE}"')
+        report["cluster_seconds"] = round(time.monotonic() - t0, 1)
+        from metering.bulk import loaded_days
+
+        from .load import count
+
+        org_days = loaded_days()
+        _log(
+            f"==> counting {len(org_days)} organization-days into the roll-ups ({workers} workers)"
+        )
+        report["count"] = count(org_days, workers, log=_log)
+        _log(f"    {report['count']['days']} days in {report['count']['seconds']} s")
+        t0 = time.monotonic()
+        _log("==> CLUSTER the roll-ups by their keys")
+        connection.ensure_connection()
+        with connection.cursor() as cursor:
+            cursor.execute("SET maintenance_work_mem = '1GB'")
+            for table, index in cluster_order()[1:]:
+                cursor.execute(f'CLUSTER "{table}" USING "{index}"')
+        report["cluster_seconds"] += round(time.monotonic() - t0, 1)
         try:
             from django.utils import timezone
 
@@ -161,20 +211,6 @@ def main(argv=None) -> int:
             demo_budgets(now=timezone.now())
         except Exception as exc:  # budgets are optional for the benchmark
             report.setdefault("notes", []).append(f"demo budgets not created: {exc!r}")
-        # Live events arrive in time order, so a day's events (and roll-up rows) sit
-        # together on disk; the loader draws them over the whole range at random. Put
-        # them in the order production would have them before measuring.
-        t0 = time.monotonic()
-        first = [(name, sql) for name, sql in dropped if name == CLUSTER_INDEX]
-        _log("==> the events' (organization, time) index")
-        create_indexes(first, _log)
-        _log("==> CLUSTER the events by (organization, time), the roll-ups by their keys")
-        connection.ensure_connection()
-        with connection.cursor() as cursor:
-            cursor.execute("SET maintenance_work_mem = '1GB'")
-            for table, index in cluster_order():
-                cursor.execute(f'CLUSTER "{table}" USING "{index}"')
-        report["cluster_seconds"] = round(time.monotonic() - t0, 1)
         _log("==> the events' other indexes")
         t0 = time.monotonic()
         create_indexes([(n, sql) for n, sql in dropped if n != CLUSTER_INDEX], _log)
@@ -185,8 +221,12 @@ def main(argv=None) -> int:
         with connection.cursor() as cursor:
             cursor.execute("VACUUM ANALYZE")
         report["vacuum_analyze_seconds"] = round(time.monotonic() - t0, 1)
+        report["exactness"] = check_sample(org_days, report["errors"], _log)
     if args.load_only:
-        return 0
+        for e in report["errors"]:
+            _log("  - " + str(e)[:2000])
+        _log(f"==> loaded; roll-ups checked: {report.get('exactness')}")
+        return 1 if report["errors"] else 0
 
     from .measure import measure_all
     from .report import write_report

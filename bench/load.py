@@ -4,7 +4,10 @@ The demo tenants are created once (metering.demo.demo_tenants); each worker then
 events with the demo's own generator (`metering.demo._event`: senders, Zipf users,
 preferred models, token counts, latencies, failures, daily/weekly rhythm, growth),
 validates and prices them with ingest's functions (bulk.Resolved) and loads them with
-`metering.bulk.load_chunk`, one transaction per chunk.
+`metering.bulk.load_chunk`, one transaction per chunk. The chunks store events only;
+`count` then counts every (organization, UTC day) once into the roll-ups and spend
+counters (`metering.bulk.count_days`), in worker processes over disjoint days: the same
+SQL as ingestion, without touching every roll-up row again with every chunk.
 """
 
 import multiprocessing as mp
@@ -18,7 +21,7 @@ from zoneinfo import ZoneInfo
 from django.db import connections
 
 from accounts.models import Membership, Organization
-from metering.bulk import Resolved, load_chunk
+from metering.bulk import Resolved, count_days, load_chunk
 from metering.demo import _Clock, _event, demo_tenants
 
 
@@ -69,7 +72,7 @@ def _worker(wid, count, seed, days, end_ts, chunk, senders, queue):
                     if row is not None:
                         rows.append(row)
             t0 = time.monotonic()
-            inserted = load_chunk(rows)
+            inserted = load_chunk(rows, count=False)
             queue.put(("chunk", wid, len(rows), inserted, time.monotonic() - t0))
             done += size
         queue.put(("done", wid, 0, 0, 0.0))
@@ -135,3 +138,52 @@ def load(n: int, days: int, seed: int, workers: int, chunk: int, log=print) -> d
         "end": end_ts,
         "orgs": list(Organization.objects.order_by("id").values_list("slug", flat=True)),
     }
+
+
+def _count_worker(wid, days, queue):
+    try:
+        for org_day in days:
+            t0 = time.monotonic()
+            count_days([org_day])
+            queue.put(("day", wid, 1, 0, time.monotonic() - t0))
+        queue.put(("done", wid, 0, 0, 0.0))
+    except BaseException as exc:
+        import traceback
+
+        queue.put(("error", wid, 0, 0, traceback.format_exc() or repr(exc)))
+        raise
+
+
+def count(org_days: list[tuple[int, int]], workers: int, log=print) -> dict:
+    """Count the loaded days into every roll-up, in `workers` processes; timing facts."""
+    connections.close_all()
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    procs = [
+        ctx.Process(target=_count_worker, args=(i, org_days[i::workers], queue))
+        for i in range(workers)
+        if org_days[i::workers]
+    ]
+    started = time.monotonic()
+    for p in procs:
+        p.start()
+    running, done, last, errors = len(procs), 0, 0.0, []
+    while running:
+        kind, _wid, k, _ins, extra = queue.get()
+        if kind == "day":
+            done += k
+            now = time.monotonic()
+            if now - last >= 10 or done == len(org_days):
+                last = now
+                eta = (len(org_days) - done) * (now - started) / done
+                log(f"  counted {done}/{len(org_days)} organization-days  eta {eta:,.0f} s")
+        elif kind == "done":
+            running -= 1
+        else:
+            errors.append(extra)
+            running -= 1
+    for p in procs:
+        p.join()
+    if errors or any(p.exitcode for p in procs):
+        raise RuntimeError("counting the roll-ups failed:\n" + "\n".join(map(str, errors)))
+    return {"days": len(org_days), "seconds": round(time.monotonic() - started, 1)}

@@ -155,9 +155,19 @@ def markdown(report: dict) -> str:
             f"Bulk load: {load['events']:,} events in {load['seconds']} s "
             f"({load['events_per_s']:,} events/s, {load['workers']} workers, "
             f"{load['chunk']:,} rows per transaction) with the events' secondary indexes "
-            f"dropped; CLUSTER {report.get('cluster_seconds', '?')} s; the secondary indexes "
+            f"dropped, events only; CLUSTER {report.get('cluster_seconds', '?')} s; "
+            f"{report.get('count', {}).get('days', '?')} organization-days counted into the "
+            f"roll-ups {report.get('count', {}).get('seconds', '?')} s; the secondary indexes "
             f"built {report.get('index_build_seconds', '?')} s; VACUUM ANALYZE "
             f"{report.get('vacuum_analyze_seconds', '?')} s.",
+            "",
+        ]
+    if "exactness" in report:
+        ex = report["exactness"]
+        lines += [
+            f"Roll-ups checked against the raw events (`reconcile_day`) for {ex['days']} "
+            f"organization-days (each organization's first, middle and last): "
+            f"{ex['problems']} mismatches.",
             "",
         ]
     if report.get("tables"):

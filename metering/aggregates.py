@@ -786,19 +786,36 @@ def rebuild_day(org_id: int, day_start: int) -> None:
         BudgetSpend15m.objects.filter(
             organization_id=org_id, bucket__gte=day_start, bucket__lt=day_end
         ).delete()
-        # The day's events as the source of the same SQL ingestion runs (all values are
-        # integers and instants computed here, never input). Events still pending are
-        # left to their fold (held off by the lock until this commits); their spend was
-        # counted at ingest, so the spend counters take every event of the day.
-        table = _q(UsageEvent._meta.db_table)
-        day = (
-            f"SELECT * FROM {table} e WHERE organization_id = {int(org_id)} "
-            f"AND \"timestamp\" >= '{start.isoformat()}' "
-            f"AND \"timestamp\" < '{end.isoformat()}'"
-        )
         with connection.cursor() as cursor:
-            for sql in rollup_sql(
-                f"({day} AND {_not_pending(org_id, 'e')}) AS day_events", spend=False
-            ):
+            for sql in count_day_sql(org_id, day_start):
                 cursor.execute(sql)
-            cursor.execute(spend_sql(f"({day}) AS day_events"))
+
+
+def count_day_sql(org_id: int, day_start: int, *, pending: bool = True) -> list[str]:
+    """The statements that count one organization's events of one UTC day into every
+    roll-up and the spend counters, which must hold nothing of that day yet (PostgreSQL).
+
+    The day's events are the source of the same SQL ingestion runs (all values are
+    integers and instants computed here, never input). With `pending`, events still
+    listed as pending are left to their fold (`rebuild_day` holds the organization's lock,
+    so the fold waits); their spend was counted at ingest, so the spend counters take
+    every event of the day. A bulk load that counts afterwards lists nothing: `pending=False`
+    skips the check.
+    """
+    from datetime import UTC, datetime
+
+    from .models import UsageEvent
+
+    start, end = (datetime.fromtimestamp(t, UTC) for t in (day_start, day_start + DAY_SECONDS))
+    table = _q(UsageEvent._meta.db_table)
+    day = (
+        f"SELECT * FROM {table} e WHERE organization_id = {int(org_id)} "
+        f"AND \"timestamp\" >= '{start.isoformat()}' "
+        f"AND \"timestamp\" < '{end.isoformat()}'"
+    )
+    counted = (
+        f"({day} AND {_not_pending(org_id, 'e')}) AS day_events"
+        if pending
+        else f"({day}) AS day_events"
+    )
+    return [*rollup_sql(counted, spend=False), spend_sql(f"({day}) AS day_events")]

@@ -13,8 +13,8 @@ import pytest
 from django.core.management import call_command
 from django.db import connection
 
-from metering.aggregates import LATENCY_BUCKET_SQL, latency_bucket, reconcile_day
-from metering.bulk import bulk_load, rows_from_events
+from metering.aggregates import LATENCY_BUCKET_SQL, ROLLUPS, latency_bucket, reconcile_day
+from metering.bulk import bulk_load, count_days, load_chunk, loaded_days, rows_from_events
 from metering.models import (
     BudgetSpend15m,
     LatencyHistogramHourly,
@@ -124,6 +124,42 @@ def test_duplicates_change_nothing(personas):
     mixed = _load(personas, events[:100] + _events(100, seed=4, prefix="new"))
     assert (mixed.inserted, mixed.duplicates) == (100, 100)
     for day in _days(personas.org.id):
+        assert reconcile_day(personas.org.id, day) == []
+
+
+def _counted_tables() -> list:
+    return [r.model for r in ROLLUPS] + [BudgetSpend15m]
+
+
+def _every_rollup() -> dict:
+    return {
+        model.__name__: sorted(tuple(row.values()) for row in model.objects.values())
+        for model in _counted_tables()
+    }
+
+
+def test_counting_days_after_the_load_equals_counting_each_chunk(personas):
+    events = _events(500, seed=11)
+    _load(personas, events, token=personas.member_token)
+    by_chunk = _every_rollup()
+    UsageEvent.objects.all().delete()
+    for model in _counted_tables():
+        model.objects.all().delete()
+    prepared = rows_from_events(
+        organization=personas.org,
+        token=personas.member_token,
+        events=events,
+        now=datetime.now(UTC),
+    )
+    assert load_chunk(prepared.rows[:200], count=False) == 200
+    assert load_chunk(prepared.rows, count=False) == 300  # the first 200 are duplicates
+    assert all(rows == [] for rows in _every_rollup().values())  # stored, not counted
+    days = loaded_days()
+    assert {org for org, _ in days} == {personas.org.id}
+    assert len(days) in (3, 4)  # three days back from now, cut at UTC midnights
+    assert count_days(days) == len(days)
+    assert _every_rollup() == by_chunk
+    for _, day in days:
         assert reconcile_day(personas.org.id, day) == []
 
 
