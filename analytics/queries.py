@@ -997,14 +997,40 @@ def _tuples(qs) -> list[tuple]:
     sends them: its compiled SQL on a cursor, without the ORM's per-row work (a 90-day
     chart reads tens of thousands of histogram rows). Only for columns that need no
     conversion (integers, text); sums of integers come back as numbers to int()."""
+    if isinstance(qs, _Statement):
+        if not qs.sql:
+            return []
+        sql, params = qs.sql, qs.params
+    elif not isinstance(qs, QuerySet):
+        return list(qs)
+    else:
+        try:
+            sql, params = qs.query.sql_with_params()
+        except EmptyResultSet:
+            return []
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchall()
+
+
+def _summed_tuples(qs, keys: int) -> list[tuple]:
+    """`_tuples` of a UNION ALL whose rows are `keys` key columns and a count, with the
+    counts of equal keys summed by the database: the signed parts of a scope's histogram
+    come back as one row per key instead of one per part."""
     if not isinstance(qs, QuerySet):
         return list(qs)
     try:
         sql, params = qs.query.sql_with_params()
     except EmptyResultSet:
         return []
+    columns = [f"c{i}" for i in range(keys + 1)]
+    key_list = ", ".join(columns[:keys])
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        cursor.execute(
+            f"WITH u ({', '.join(columns)}) AS ({sql}) "
+            f"SELECT {key_list}, SUM({columns[-1]}) FROM u GROUP BY {key_list}",
+            params,
+        )
         return cursor.fetchall()
 
 
@@ -1093,17 +1119,62 @@ def _piece_latencies(raw_qs: QuerySet, pieces: list[tuple[int, int]]):
                 for operation, latency in rows:
                     counts[(i, operation, latency_bucket(latency))] += 1
         return [(*key, n) for key, n in counts.items()]
-    branches = [
-        raw_qs.filter(in_range)
-        .annotate(_piece=Value(i, output_field=BigIntegerField()), _index=index)
+    # Every branch has the same shape: compile one, with marker values where the piece
+    # number and its bounds go, and repeat its SQL with each piece's values (a 90-day
+    # chart in Berlin has 90 pieces; compiling each costs more than running it).
+    number, start, end = _PIECE_MARKERS
+    template = (
+        raw_qs.filter(timestamp__gte=start, timestamp__lt=end)
+        .annotate(_piece=Value(number, output_field=BigIntegerField()), _index=index)
         .values_list("_piece", "operation", "_index")
         .annotate(n=Count("id"))
         .order_by()
-        for i, (a, b) in enumerate(pieces)
-        if a < b
-        for in_range in _range_qs(((a, b),))
-    ]
-    return _union_all(branches)
+    )
+    try:
+        sql, params = template.query.sql_with_params()
+    except EmptyResultSet:
+        return []
+    slots = {m: [i for i, p in enumerate(params) if p == m] for m in _PIECE_MARKERS}
+    if any(len(found) != 1 for found in slots.values()):  # a filter value equal to a marker
+        return _union_all(
+            [
+                raw_qs.filter(in_range)
+                .annotate(_piece=Value(i, output_field=BigIntegerField()), _index=index)
+                .values_list("_piece", "operation", "_index")
+                .annotate(n=Count("id"))
+                .order_by()
+                for i, (a, b) in enumerate(pieces)
+                if a < b
+                for in_range in _range_qs(((a, b),))
+            ]
+        )
+    statements, values = [], []
+    for i, (a, b) in enumerate(pieces):
+        if a >= b:
+            continue
+        filled = list(params)
+        filled[slots[number][0]] = i
+        filled[slots[start][0]] = datetime.fromtimestamp(a, UTC)
+        filled[slots[end][0]] = datetime.fromtimestamp(b, UTC)
+        statements.append(f"({sql})")
+        values += filled
+    return _Statement(" UNION ALL ".join(statements), values)
+
+
+# The piece number and bounds of `_piece_latencies`' template: values no filter holds.
+_PIECE_MARKERS = (
+    -7_270_001,
+    datetime(1901, 2, 3, 4, 5, 6, 7, tzinfo=UTC),
+    datetime(1901, 2, 3, 4, 5, 6, 8, tzinfo=UTC),
+)
+
+
+@dataclass(frozen=True)
+class _Statement:
+    """Compiled SQL and its parameters, for `_tuples`."""
+
+    sql: str
+    params: list
 
 
 def _finer_histogram_grains(sel: Selection, grain: int) -> tuple[int, ...]:
@@ -1165,36 +1236,34 @@ def _hist_series(
         per_bucket[group_key][index] += n
 
     family = _hist_family(sel)
-    # Every histogram read is one branch of one UNION ALL statement, tagged with its
-    # place, grouped by a time key of its own (`_k`).
+    # Every histogram read is one branch of one UNION ALL statement, grouped by a time
+    # key of its own (`_k`) and tagged with the handler of its rows (`_part`); the
+    # statement sums the branches of one handler (the signed parts of a scope) per key.
     branches: list[QuerySet] = []
     handlers: list = []
 
-    def read(rows: QuerySet, key, on_row, sign: int = 1) -> None:
-        rows = rows.annotate(_part=Value(len(branches), output_field=BigIntegerField()), _k=key)
+    def handler(on_row) -> int:
+        handlers.append(on_row)
+        return len(handlers) - 1
+
+    def read(rows: QuerySet, key, tag: int, sign: int = 1) -> None:
+        rows = rows.annotate(_part=Value(tag, output_field=BigIntegerField()), _k=key)
         grouped = rows.values_list("_part", "_k", "operation", "latency_bucket")
         branches.append(grouped.annotate(n=_signed_count(sign)).order_by())
-        handlers.append(on_row)
 
     if split is None:
         plan = aligned
+        local = handler(
+            lambda k, group, index, n: count((group, bucketing.key_from_sql(k)), index, n)
+        )
         for rows, a, b, _grain, sign in plan.reads:
             # Local buckets computed in SQL: a few thousand rows instead of one per hour.
-            read(
-                rows,
-                bucketing.expression("bucket", a, b),
-                lambda k, group, index, n: count((group, bucketing.key_from_sql(k)), index, n),
-                sign,
-            )
+            read(rows, bucketing.expression("bucket", a, b), local, sign)
     else:
         home, moved = split
+        at_home = handler(lambda k, group, index, n: count((group, home[k]), index, n))
         for rows, _a, _b, _grain, sign in plan.reads:
-            read(
-                rows,
-                F("bucket"),
-                lambda k, group, index, n: count((group, home[k]), index, n),
-                sign,
-            )
+            read(rows, F("bucket"), at_home, sign)
         # Each moved piece: from the finest histogram rows that fit it, raw for the rest.
         grain = max(read[3] for read in plan.reads)
         finer = _finer_histogram_grains(sel, grain)
@@ -1214,8 +1283,9 @@ def _hist_series(
                 count((group, home_key), index, -n)
                 count((group, target), index, n)
 
+            moving = handler(move)
             for rows, sign in _histogram_reads(sel, family, g):
-                read(rows.filter(bucket__in=sorted(buckets)), F("bucket"), move, sign)
+                read(rows.filter(bucket__in=sorted(buckets)), F("bucket"), moving, sign)
         raw_qs = UsageEvent.objects.filter(_event_filters(sel))
         pieces = [(a, b) for _home, _target, a, b in raw_pieces]
         for piece, operation, index, n in _tuples(_piece_latencies(raw_qs, pieces)):
@@ -1224,8 +1294,12 @@ def _hist_series(
                 group = group_of[operation]
                 count((group, home_key), index, -n)  # its row counted them at home
                 count((group, target), index, n)
-    for part, k, operation, index, n in _tuples(_union_all(branches)):
-        if operation in group_of:
+    # Sum in SQL only the signed parts of a scope (the same keys from several reads):
+    # elsewhere each key comes from one read, and grouping would cost more than it saves.
+    union = _union_all(branches)
+    summed = family == "parts"
+    for part, k, operation, index, n in _summed_tuples(union, 4) if summed else _tuples(union):
+        if operation in group_of and n:
             handlers[part](k, group_of[operation], index, int(n))
     for quarter, operation, index, n in _tuples(_raw_edge_counts(plan.raw_querysets(sel))):
         if operation in group_of:

@@ -615,6 +615,35 @@ def test_partial_scope_p95_from_part_histograms_equals_the_scope_histogram(
             monkeypatch.undo()
 
 
+def test_moved_pieces_compiled_once_count_what_one_query_per_piece_counts(autumn, monkeypatch):
+    # `_piece_latencies` compiles one branch and repeats it with each piece's values;
+    # a marker found more than once (a filter value equal to it) falls back to compiling
+    # every piece. Both count
+    # the same events of the same pieces (an empty piece counts nothing).
+    if connection.vendor != "postgresql":
+        pytest.skip("raw pieces are counted in SQL on PostgreSQL")
+    start = int((PERIODS["autumn"] + timedelta(hours=3)).timestamp())
+    pieces = [(start + day * 86400, start + day * 86400 + 7200) for day in range(3)]
+    pieces.append((start, start))
+    rows = visible_events(autumn.users["team_lead"])
+    once = analytics_queries._piece_latencies(rows, pieces)
+    assert isinstance(once, analytics_queries._Statement)
+    counted = sorted(analytics_queries._tuples(once))
+    assert counted and {piece for piece, *_ in counted} <= {0, 1, 2}
+    assert sum(n for *_, n in counted) == sum(
+        rows.filter(timestamp__gte=datetime.fromtimestamp(a, UTC))
+        .filter(timestamp__lt=datetime.fromtimestamp(b, UTC))
+        .count()
+        for a, b in pieces
+    )
+    number, bound, _ = analytics_queries._PIECE_MARKERS
+    # Equal bounds: each marker is found twice, as a filter value equal to one would be.
+    monkeypatch.setattr(analytics_queries, "_PIECE_MARKERS", (number, bound, bound))
+    each = analytics_queries._piece_latencies(rows, pieces)
+    assert not isinstance(each, analytics_queries._Statement)
+    assert sorted(analytics_queries._tuples(each)) == counted
+
+
 @pytest.mark.parametrize("tz", [UTC_ZONE, BERLIN, NEW_YORK, KOLKATA], ids=str)
 def test_team_latency_series_per_local_day_from_the_daily_histogram(autumn, tz, monkeypatch):
     # UTC days are the daily histogram's own buckets; Berlin, New York and Kolkata days
