@@ -166,6 +166,14 @@ class UsageEvent(models.Model):
                 name="event_org_token_cost",
                 include=["timestamp", *(c for c in SCOPE_COLUMNS if c != "api_token_id")],
             ),
+            # A model filter read raw (latency percentiles of a scope the model histogram
+            # cannot answer: a project admin's, say): the model's events of the range with
+            # what a percentile and the scope's predicate need, from the index alone.
+            models.Index(
+                fields=["organization", "model", "timestamp", "id"],
+                name="event_org_model_time_id",
+                include=["operation", "latency_ms", "status_code", *SCOPE_COLUMNS],
+            ),
             # The chat-session filter; most events of batch callers carry no session.
             models.Index(
                 fields=["organization", "session_id", "timestamp"],
