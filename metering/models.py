@@ -555,6 +555,11 @@ class LatencyHistogramModelDaily(models.Model):  # noqa: DJ008
 
     class Meta:
         db_table = "metering_latency_hist_model_daily"
+        # Every read names a model (the family serves model filters): its rows of the
+        # range, not every row of the organization's range.
+        indexes = [
+            models.Index(fields=["organization", "model", "bucket"], name="lathist_model"),
+        ]
 
 
 class HistogramPart(models.TextChoices):
