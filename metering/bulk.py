@@ -31,6 +31,8 @@ from typing import Any
 
 from django.db import connection, transaction
 
+from accounts.models import Organization
+
 from .aggregates import DAY_SECONDS, FACT_FIELDS, count_day_sql, epoch, rollup_sql
 from .ingest import (
     EVENT_COLUMNS,
@@ -158,26 +160,22 @@ def _prepare_session(cursor) -> None:
     cursor.execute("TRUNCATE bulk_staging, bulk_new")
 
 
-def _insert_sql() -> str:
+def _insert_sql(*, keep_new: bool = True) -> str:
+    """Insert the staged rows; with `keep_new`, copy the rows really inserted (what the
+    roll-ups need) into bulk_new."""
     table = _q(UsageEvent._meta.db_table)
     columns = ", ".join(_q(c) for c in EVENT_COLUMNS)
-    returning = ", ".join(_q(c) for c in _NEW_COLUMNS)
-    return (
-        f"WITH ins AS (INSERT INTO {table} ({columns}) "
-        f"SELECT {columns} FROM bulk_staging ORDER BY organization_id, request_id "
-        "ON CONFLICT (organization_id, request_id) DO NOTHING "
-        f"RETURNING {returning}) "
-        f"INSERT INTO bulk_new ({returning}) SELECT {returning} FROM ins"
-    )
-
-
-def _insert_only_sql() -> str:
-    table = _q(UsageEvent._meta.db_table)
-    columns = ", ".join(_q(c) for c in EVENT_COLUMNS)
-    return (
+    insert = (
         f"INSERT INTO {table} ({columns}) "
         f"SELECT {columns} FROM bulk_staging ORDER BY organization_id, request_id "
         "ON CONFLICT (organization_id, request_id) DO NOTHING"
+    )
+    if not keep_new:
+        return insert
+    returning = ", ".join(_q(c) for c in _NEW_COLUMNS)
+    return (
+        f"WITH ins AS ({insert} RETURNING {returning}) "
+        f"INSERT INTO bulk_new ({returning}) SELECT {returning} FROM ins"
     )
 
 
@@ -211,12 +209,8 @@ def load_chunk(rows: list[tuple], *, count: bool = True) -> int:
         with raw.copy(f"COPY bulk_staging ({columns}) FROM STDIN") as copy:
             for row in rows:
                 copy.write_row(row)
-        if not count:
-            cursor.execute(_insert_only_sql())
-            inserted = cursor.rowcount
-        else:
-            cursor.execute(_insert_sql())
-            inserted = cursor.rowcount
+        cursor.execute(_insert_sql(keep_new=count))
+        inserted = cursor.rowcount
         if inserted and count:
             for sql in rollup_sql("bulk_new"):
                 cursor.execute(sql)
@@ -225,20 +219,23 @@ def load_chunk(rows: list[tuple], *, count: bool = True) -> int:
 
 
 def loaded_days() -> list[tuple[int, int]]:
-    """(organization id, UTC day start) of every day that holds events, in order."""
+    """(organization id, UTC day start) of every UTC day from each organization's first
+    event to its last, in order: two index lookups per organization."""
     table = _q(UsageEvent._meta.db_table)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f'SELECT organization_id, min("timestamp"), max("timestamp") FROM {table} '
-            "GROUP BY organization_id ORDER BY organization_id"
-        )
-        spans = cursor.fetchall()
     out = []
-    for org_id, first, last in spans:
-        day = epoch(first) - epoch(first) % DAY_SECONDS
-        while day <= epoch(last):
-            out.append((org_id, day))
-            day += DAY_SECONDS
+    with connection.cursor() as cursor:
+        for org_id in Organization.objects.order_by("id").values_list("id", flat=True):
+            cursor.execute(
+                f'SELECT min("timestamp"), max("timestamp") FROM {table} '
+                "WHERE organization_id = %s",
+                [org_id],
+            )
+            first, last = cursor.fetchone()
+            if first is None:
+                continue
+            first, last = epoch(first), epoch(last)
+            start = first - first % DAY_SECONDS
+            out += [(org_id, day) for day in range(start, last + 1, DAY_SECONDS)]
     return out
 
 
