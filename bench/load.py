@@ -97,35 +97,22 @@ def load(n: int, days: int, seed: int, workers: int, chunk: int, log=print) -> d
         for i in range(workers)
         if shares[i]
     ]
-    for p in procs:
-        p.start()
     rows = inserted = 0
-    db_seconds = 0.0
-    running = len(procs)
     started = time.monotonic()
     last = 0.0
-    errors = []
-    while running:
-        kind, _wid, k, ins, extra = queue.get()
-        if kind == "chunk":
-            rows += k
-            inserted += ins
-            db_seconds += extra
-            now = time.monotonic()
-            if now - last >= 5 or rows == n:
-                last = now
-                rate = rows / (now - started)
-                eta = (n - rows) / rate if rate else 0
-                log(f"  loaded {rows:,}/{n:,} events  {rate:,.0f} events/s  eta {eta:,.0f} s")
-        elif kind == "done":
-            running -= 1
-        else:
-            errors.append(extra)
-            running -= 1
-    for p in procs:
-        p.join()
-    if errors or any(p.exitcode for p in procs):
-        raise RuntimeError("bulk load failed:\n" + "\n".join(map(str, errors)))
+
+    def on_chunk(k, ins):
+        nonlocal rows, inserted, last
+        rows += k
+        inserted += ins
+        now = time.monotonic()
+        if now - last >= 5 or rows == n:
+            last = now
+            rate = rows / (now - started)
+            eta = (n - rows) / rate if rate else 0
+            log(f"  loaded {rows:,}/{n:,} events  {rate:,.0f} events/s  eta {eta:,.0f} s")
+
+    _run(procs, queue, on_chunk, "bulk load")
     seconds = time.monotonic() - started
     return {
         "events": rows,
@@ -165,25 +152,38 @@ def count(org_days: list[tuple[int, int]], workers: int, log=print) -> dict:
         if org_days[i::workers]
     ]
     started = time.monotonic()
+    done, last = 0, 0.0
+
+    def on_day(k, _ins):
+        nonlocal done, last
+        done += k
+        now = time.monotonic()
+        if now - last >= 10 or done == len(org_days):
+            last = now
+            eta = (len(org_days) - done) * (now - started) / done
+            log(f"  counted {done}/{len(org_days)} organization-days  eta {eta:,.0f} s")
+
+    _run(procs, queue, on_day, "counting the roll-ups")
+    return {"days": len(org_days), "seconds": round(time.monotonic() - started, 1)}
+
+
+def _run(procs, queue, on_item, what: str) -> None:
+    """Start the worker processes and hand each ("chunk" | "day", wid, k, inserted, _)
+    message to on_item(k, inserted) until every worker said "done" or "error"; raise
+    with the workers' tracebacks if any failed."""
     for p in procs:
         p.start()
-    running, done, last, errors = len(procs), 0, 0.0, []
+    running, errors = len(procs), []
     while running:
-        kind, _wid, k, _ins, extra = queue.get()
-        if kind == "day":
-            done += k
-            now = time.monotonic()
-            if now - last >= 10 or done == len(org_days):
-                last = now
-                eta = (len(org_days) - done) * (now - started) / done
-                log(f"  counted {done}/{len(org_days)} organization-days  eta {eta:,.0f} s")
-        elif kind == "done":
+        kind, _wid, k, ins, extra = queue.get()
+        if kind == "done":
             running -= 1
-        else:
+        elif kind == "error":
             errors.append(extra)
             running -= 1
+        else:
+            on_item(k, ins)
     for p in procs:
         p.join()
     if errors or any(p.exitcode for p in procs):
-        raise RuntimeError("counting the roll-ups failed:\n" + "\n".join(map(str, errors)))
-    return {"days": len(org_days), "seconds": round(time.monotonic() - started, 1)}
+        raise RuntimeError(f"{what} failed:\n" + "\n".join(map(str, errors)))
