@@ -1119,17 +1119,20 @@ def _piece_latencies(raw_qs: QuerySet, pieces: list[tuple[int, int]]):
                 for operation, latency in rows:
                     counts[(i, operation, latency_bucket(latency))] += 1
         return [(*key, n) for key, n in counts.items()]
+
+    def branch(rows: QuerySet, number: int) -> QuerySet:
+        return (
+            rows.annotate(_piece=Value(number, output_field=BigIntegerField()), _index=index)
+            .values_list("_piece", "operation", "_index")
+            .annotate(n=Count("id"))
+            .order_by()
+        )
+
     # Every branch has the same shape: compile one, with marker values where the piece
     # number and its bounds go, and repeat its SQL with each piece's values (a 90-day
     # chart in Berlin has 90 pieces; compiling each costs more than running it).
     number, start, end = _PIECE_MARKERS
-    template = (
-        raw_qs.filter(timestamp__gte=start, timestamp__lt=end)
-        .annotate(_piece=Value(number, output_field=BigIntegerField()), _index=index)
-        .values_list("_piece", "operation", "_index")
-        .annotate(n=Count("id"))
-        .order_by()
-    )
+    template = branch(raw_qs.filter(timestamp__gte=start, timestamp__lt=end), number)
     try:
         sql, params = template.query.sql_with_params()
     except EmptyResultSet:
@@ -1138,13 +1141,8 @@ def _piece_latencies(raw_qs: QuerySet, pieces: list[tuple[int, int]]):
     if any(len(found) != 1 for found in slots.values()):  # a filter value equal to a marker
         return _union_all(
             [
-                raw_qs.filter(in_range)
-                .annotate(_piece=Value(i, output_field=BigIntegerField()), _index=index)
-                .values_list("_piece", "operation", "_index")
-                .annotate(n=Count("id"))
-                .order_by()
+                branch(raw_qs.filter(in_range), i)
                 for i, (a, b) in enumerate(pieces)
-                if a < b
                 for in_range in _range_qs(((a, b),))
             ]
         )
