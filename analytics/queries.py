@@ -65,6 +65,7 @@ from metering.models import (
     OrgUsage15m,
     OrgUsageDaily,
     OrgUsageHourly,
+    ScopeLabelDaily,
     ScopeUsage15m,
     ScopeUsageDaily,
     UsageEvent,
@@ -677,6 +678,21 @@ def top(sel: Selection, dim: str, n: int = 5, by: str = "total_tokens") -> list[
     return heapq.nlargest(n, items, key=lambda item: (getattr(item[1], by), str(item[0])))
 
 
+LABEL_COLUMNS = {"user_id", "assistant", "workflow"}
+
+
+def _distinct_rows(sel: Selection, family: str, grain: int, columns: tuple[str, ...]):
+    """The rows of `family`'s tier of `grain` to take distinct values from: for a partial
+    scope's whole days without a model, operation or status filter, the scope labels
+    (ScopeLabelDaily: the gate's columns, assistant and workflow), a fifth of the wide
+    roll-up's rows, behind the same gate."""
+    plain = not (sel.models or sel.operations or sel.status != "all")
+    if family == "scope" and grain == DAY and plain and set(columns) <= LABEL_COLUMNS:
+        rows = ScopeLabelDaily.objects.filter(rollup_scope_q(_reading_scope(sel)))
+        return rows.filter(_dimension_filters(sel))
+    return _rollup_rows(sel, family, grain)
+
+
 def distinct_counts(sel: Selection, columns: tuple[str, ...]) -> dict[str, int]:
     """How many distinct non-empty values of each of `columns` (user_id, assistant,
     workflow), exact: counted in SQL over a union of the distinct values of the tiers of
@@ -695,7 +711,7 @@ def distinct_counts(sel: Selection, columns: tuple[str, ...]) -> dict[str, int]:
         UsageEvent.objects.filter(_event_filters(sel)).filter(in_range)
         for in_range in _range_qs(raw_ranges)
     ] + [
-        _rollup_rows(sel, family, grain).filter(bucket__gte=a, bucket__lt=b)
+        _distinct_rows(sel, family, grain, columns).filter(bucket__gte=a, bucket__lt=b)
         for grain, a, b in reads
     ]
     if not branches:

@@ -17,6 +17,8 @@ docs/architecture.md):
   operation x log-latency bucket (p95 for partial scopes, by inclusion-exclusion),
 - ScopeKeyDaily: org x UTC day x team x project x user x token (option lists of
   partial scopes),
+- ScopeLabelDaily: the same plus assistant and workflow (active users, assistants and
+  workflows of partial scopes),
 - OrgActorHourly / OrgActorDaily: org x hour or day x user x token x assistant x
   workflow (org-wide active users, assistants, workflows, top users, ranked tokens).
 
@@ -53,6 +55,7 @@ from .models import (
     OrgUsageHourly,
     RollupPending,
     ScopeKeyDaily,
+    ScopeLabelDaily,
     ScopeUsage15m,
     ScopeUsageDaily,
 )
@@ -97,6 +100,7 @@ ACTOR_KEYS = ("organization_id", "bucket", "user_id", "api_token_id", "assistant
 ACTOR_MEASURES = (*MEASURES, "failed_requests")
 HIST_KEYS = ("organization_id", "bucket", "operation", "latency_bucket")
 SCOPE_KEY_KEYS = ("organization_id", "bucket", "team_id", "project_id", "user_id", "api_token_id")
+SCOPE_LABEL_KEYS = (*SCOPE_KEY_KEYS, "assistant", "workflow")
 MODEL_HIST_KEYS = ("organization_id", "bucket", "team_id", "model", "operation", "latency_bucket")
 PART_HIST_KEYS = ("organization_id", "part", "part_id", "bucket", "operation", "latency_bucket")
 # (part, event column) of the part histogram: every column of the visibility predicate.
@@ -212,6 +216,7 @@ ROLLUPS = (
     Rollup(LatencyHistogramModelDaily, MODEL_HIST_KEYS, ("count",), "model latency histogram"),
     Rollup(LatencyHistogramPartDaily, PART_HIST_KEYS, ("count",), "part latency histogram"),
     Rollup(ScopeKeyDaily, SCOPE_KEY_KEYS, ("requests",), "scope keys (day)"),
+    Rollup(ScopeLabelDaily, SCOPE_LABEL_KEYS, ("requests",), "scope labels (day)"),
     Rollup(OrgActorHourly, ACTOR_KEYS, ACTOR_MEASURES, "actor roll-up (hour)"),
     Rollup(OrgActorDaily, ACTOR_KEYS, ACTOR_MEASURES, "actor roll-up (day)"),
 )
@@ -239,6 +244,7 @@ def compute_rollups(facts: Iterable[EventFacts]) -> dict[type, dict[tuple, list[
     model_hist_rows: dict[tuple, list[int]] = defaultdict(lambda: [0])
     part_hist_rows: dict[tuple, list[int]] = defaultdict(lambda: [0])
     scope_key_rows: dict[tuple, list[int]] = defaultdict(lambda: [0])
+    scope_label_rows: dict[tuple, list[int]] = defaultdict(lambda: [0])
     for f in facts:
         ts = epoch(f.timestamp)
         bucket = ts - ts % BUCKET_SECONDS
@@ -279,6 +285,7 @@ def compute_rollups(facts: Iterable[EventFacts]) -> dict[type, dict[tuple, list[
             if part_id:
                 part_hist_rows[(f.organization_id, part, part_id, day, f.operation, lb)][0] += 1
         scope_key_rows[scope_hist_key[:6]][0] += 1  # org, day, team, project, token, user
+        scope_label_rows[(*scope_hist_key[:6], f.assistant, f.workflow)][0] += 1
         actor_key = (
             f.organization_id,
             hour,
@@ -304,6 +311,12 @@ def compute_rollups(facts: Iterable[EventFacts]) -> dict[type, dict[tuple, list[
         ScopeKeyDaily: {
             (org, day, team, project, user, token): n
             for (org, day, team, project, token, user), n in scope_key_rows.items()
+        },
+        ScopeLabelDaily: {
+            (org, day, team, project, user, token, assistant, workflow): n
+            for (org, day, team, project, token, user, assistant, workflow), n in (
+                scope_label_rows.items()
+            )
         },
         OrgActorHourly: actor_rows,
         OrgActorDaily: _fold(actor_rows, DAY_SECONDS),
@@ -535,7 +548,14 @@ def rollup_sql(source: str, *, spend: bool = True) -> list[str]:
         ("requests",),
         "count(*)",
     )
-    counts = [*usage, *actors, *hists, scope_hist, model_hist, part_hist, scope_keys]
+    scope_labels = upsert(
+        _q(ScopeLabelDaily._meta.db_table),
+        list(SCOPE_LABEL_KEYS),
+        key_exprs(SCOPE_LABEL_KEYS, day),
+        ("requests",),
+        "count(*)",
+    )
+    counts = [*usage, *actors, *hists, scope_hist, model_hist, part_hist, scope_keys, scope_labels]
     return [*counts, spend_sql(source)] if spend else counts
 
 

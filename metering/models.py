@@ -441,6 +441,44 @@ class ScopeKeyDaily(models.Model):  # noqa: DJ008
         db_table = "metering_scope_key_daily"
 
 
+class ScopeLabelDaily(models.Model):  # noqa: DJ008
+    """Which (team, project, user, API token) sent events with which assistant and
+    workflow on a UTC day, and how many: the visibility predicate's columns and the two
+    labels counted as distinct values, nothing else.
+
+    Serves the active users, assistants and workflows of a partial scope (a team lead, a
+    project admin, a member) over the whole days of a range, in about as many rows a day
+    as the actor roll-up, where the wide roll-up also splits every row by model,
+    operation and status (five times the rows). A scope's rows of a month are read from
+    the key's (organization, day) lead and filtered: a few tens of thousands of narrow
+    rows, cheaper than four more indexes to keep up at every fold. Missing ids are 0 and
+    missing labels ''.
+    """
+
+    pk = models.CompositePrimaryKey(
+        "organization",
+        "bucket",
+        "team_id",
+        "project_id",
+        "user_id",
+        "api_token_id",
+        "assistant",
+        "workflow",
+    )
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE)
+    bucket = models.BigIntegerField()  # UTC day start, epoch seconds
+    team_id = models.BigIntegerField()
+    project_id = models.BigIntegerField()
+    user_id = models.BigIntegerField()
+    api_token_id = models.BigIntegerField()
+    assistant = models.CharField(max_length=200)
+    workflow = models.CharField(max_length=200)
+    requests = models.BigIntegerField(default=0)
+
+    class Meta:
+        db_table = "metering_scope_label_daily"
+
+
 class RollupPending(models.Model):  # noqa: DJ008
     """Events stored and not yet counted in the roll-ups (PostgreSQL ingestion).
 

@@ -12,7 +12,10 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-USAGE_READ = re.compile(r"\b(UsageEvent|ScopeUsage\w+|OrgUsage\w+|LatencyHistogram\w+)\.objects\b")
+USAGE_READ = re.compile(
+    r"\b(UsageEvent|Scope(?:Usage|Key|Label)\w+|Org(?:Usage|Actor)\w+|LatencyHistogram\w+)"
+    r"\.objects\b"
+)
 ALLOWED = {
     "analytics/visibility.py": "the gate",
     "analytics/queries.py": "the query engine; checked line by line below",
@@ -43,5 +46,5 @@ def test_query_engine_applies_the_scope_to_every_raw_and_wide_read():
     for line in text.splitlines():
         if "UsageEvent.objects" in line:
             assert "_event_filters(" in line, line
-        if re.search(r"(ScopeUsage\w*|wide_model)\.objects", line):
+        if re.search(r"(Scope(?:Usage|Label)\w*|wide_model)\.objects", line):
             assert "rollup_scope_q(" in line, line

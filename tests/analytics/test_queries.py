@@ -402,6 +402,40 @@ def test_scoped_viewers_get_exact_totals_of_their_scope(autumn, subtests):
             assert _totals_tuple(totals(sel)) == _raw_tuple(list(visible))
 
 
+def test_scoped_distinct_counts_read_the_scope_labels_and_equal_raw_events(autumn, subtests):
+    """Active users, assistants and workflows of a partial scope: whole days from the
+    scope labels (not the wide roll-up), edges from quarters and raw events, exact."""
+    start = PERIODS["autumn"] + timedelta(hours=3, minutes=7, seconds=9)
+    end = start + timedelta(days=3, hours=2, minutes=1)
+    columns = ("user_id", "assistant", "workflow")
+    for persona in ("team_lead", "project_admin", "member", "outsider"):
+        with subtests.test(persona):
+            user = autumn.users[persona]
+            sel = Selection(scope=viewer_scope(user), start=start, end=end)
+            visible = list(visible_events(user).filter(timestamp__gte=start, timestamp__lt=end))
+            with CaptureQueriesContext(connection) as seen:
+                got = analytics_queries.distinct_counts(sel, columns)
+
+            assert got == {
+                column: len({getattr(e, column) for e in visible if getattr(e, column)})
+                for column in columns
+            }
+            sql = " ".join(q["sql"] for q in seen.captured_queries)
+            assert "metering_scope_label_daily" in sql
+            assert "metering_scope_usage_daily" not in sql
+    with subtests.test("a team lead counts someone, an outsider no one"):
+        counts = {
+            persona: analytics_queries.distinct_counts(
+                Selection(scope=viewer_scope(autumn.users[persona]), start=start, end=end),
+                columns,
+            )
+            for persona in ("team_lead", "outsider")
+        }
+
+        assert counts["team_lead"]["user_id"] > 0 and counts["team_lead"]["assistant"] > 0
+        assert counts["outsider"] == dict.fromkeys(columns, 0)
+
+
 def test_an_empty_scope_reads_nothing(autumn):
     start = PERIODS["autumn"]
     sel = Selection(scope=Scope(), start=start, end=start + SPAN)

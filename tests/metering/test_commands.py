@@ -380,3 +380,23 @@ def test_rebuild_aggregates_repairs_drift_and_forgets_removed_events(personas):
     ) == sum(
         UsageEvent.objects.filter(organization=personas.org).values_list("cost_nanos", flat=True)
     )
+
+
+def test_the_scope_label_migration_fills_it_from_stored_events(demo):
+    import importlib
+    from types import SimpleNamespace
+
+    from django.apps import apps
+    from django.db import connection
+
+    from metering.models import ScopeLabelDaily
+
+    migration = importlib.import_module("metering.migrations.0016_scope_label_daily")
+    written = sorted(ScopeLabelDaily.objects.values_list("pk", "requests"))
+    assert len(written) > 1
+    assert len({pk[6] for pk, _ in written}) > 1  # more than one assistant label
+    ScopeLabelDaily.objects.all().delete()
+
+    migration.backfill(apps, SimpleNamespace(connection=connection))
+
+    assert sorted(ScopeLabelDaily.objects.values_list("pk", "requests")) == written
