@@ -65,7 +65,7 @@ from metering.models import (
     OrgUsage15m,
     OrgUsageDaily,
     OrgUsageHourly,
-    ScopeLabelDaily,
+    ScopeActorDaily,
     ScopeUsage15m,
     ScopeUsageDaily,
     UsageEvent,
@@ -90,6 +90,8 @@ SCOPE_DIMS = NARROW_DIMS | {
 }
 # What the actor roll-up groups by (it has no model, operation or status column).
 ACTOR_DIMS = {"organization_id", "user_id", "api_token_id", "assistant", "workflow"}
+# What the scope actor roll-up groups by (every column of the gate; no model or status).
+SCOPE_ACTOR_DIMS = ACTOR_DIMS | {"team_id", "project_id", "operation"}
 RAW_ONLY_DIMS = {"end_user", "session_id"}
 
 
@@ -384,6 +386,11 @@ def _dimension_filters(sel: Selection) -> Q:
     return q
 
 
+def _counts_failures(model) -> bool:
+    """True for roll-ups that count failed requests in a column (no status column)."""
+    return any(f.name == "failed_requests" for f in model._meta.concrete_fields)
+
+
 def _rollup_aggregates(family: str = "org") -> dict:
     # Annotation names get a prefix: an aggregate named like a column ("requests") would
     # shadow that column in the failed_requests expression below.
@@ -423,7 +430,16 @@ def _to_totals(row: dict) -> Totals:
 NARROW_TIERS = ((DAY, OrgUsageDaily), (HOUR, OrgUsageHourly), (BUCKET_SECONDS, OrgUsage15m))
 ACTOR_TIERS = ((DAY, OrgActorDaily), (HOUR, OrgActorHourly))
 WIDE_TIERS = ((DAY, ScopeUsageDaily), (BUCKET_SECONDS, ScopeUsage15m))
-FAMILIES = {"org": NARROW_TIERS, "actor": ACTOR_TIERS, "scope": WIDE_TIERS}
+# Partial scopes without a model or status: whole days from the scope actor roll-up, the
+# partial days at the edges from the wide 15-minute one (both behind the gate).
+SCOPE_ACTOR_TIERS = ((DAY, ScopeActorDaily), (BUCKET_SECONDS, ScopeUsage15m))
+FAMILIES = {
+    "org": NARROW_TIERS,
+    "actor": ACTOR_TIERS,
+    "scope": WIDE_TIERS,
+    "scope_actor": SCOPE_ACTOR_TIERS,
+}
+GATED_FAMILIES = {"scope", "scope_actor"}
 
 
 def _whole_orgs(sel: Selection) -> bool:
@@ -439,12 +455,16 @@ def _narrow_ok(sel: Selection, dims: tuple[str, ...]) -> bool:
 def _family(sel: Selection, dims: tuple[str, ...]) -> str:
     """The smallest roll-up family that answers `dims` of `sel` exactly: "org" (model,
     operation, status), "actor" (who: user, token, assistant, workflow; only without a
-    model, operation or status filter) or "scope" (every dimension, behind the gate)."""
+    model, operation or status filter), "scope_actor" (who and which operation inside a
+    partial scope or under scope filters, without a model or status filter; behind the
+    gate) or "scope" (every dimension, behind the gate)."""
     if _narrow_ok(sel, dims):
         return "org"
     plain = not (sel.models or sel.operations or sel.status != "all")
     if plain and set(dims) <= ACTOR_DIMS and _whole_orgs(sel):
         return "actor"
+    if not (sel.models or sel.status != "all") and set(dims) <= SCOPE_ACTOR_DIMS:
+        return "scope_actor"
     return "scope"
 
 
@@ -453,7 +473,7 @@ def _rollup_rows(sel: Selection, family: str, grain: int) -> QuerySet:
     where the scope covers the whole selected organizations, else the wide one behind
     the gate."""
     model = dict(FAMILIES[family])[grain]
-    if family != "scope":
+    if family not in GATED_FAMILIES:
         qs = model.objects.all()
         if not sel.scope.everything:
             qs = qs.filter(organization_id__in=sel.org_ids)
@@ -538,7 +558,9 @@ class _TierReads:
     def __init__(self, family: str, dims: tuple[str, ...]):
         self.dims = dims
         self.fields = list(dims) or ["organization_id"]
-        self.aggregates = _rollup_aggregates(family)
+        # Tiers of a family may differ in how they count failures (a failed_requests
+        # column, or the status column): each branch gets its own table's expression.
+        self.names = list(_rollup_aggregates(family))
         self.branches: list[QuerySet] = []
         self.handlers: list = []
 
@@ -547,8 +569,9 @@ class _TierReads:
             _part=Value(len(self.branches), output_field=BigIntegerField()),
             _k=key if key is not None else Value(0, output_field=BigIntegerField()),
         )
+        aggregates = _rollup_aggregates("actor" if _counts_failures(qs.model) else "org")
         self.branches.append(
-            qs.values(*self.fields, "_part", "_k").annotate(**self.aggregates).order_by()
+            qs.values(*self.fields, "_part", "_k").annotate(**aggregates).order_by()
         )
         self.handlers.append(on_row)
 
@@ -556,7 +579,7 @@ class _TierReads:
         if not self.branches:
             return
         union = _union_all(self.branches)
-        names = [*self.fields, "_part", "_k", *self.aggregates]
+        names = [*self.fields, "_part", "_k", *self.names]
         for values in _tuples(union):
             row = dict(zip(names, values, strict=True))
             group = tuple(_rollup_value(d, row[d]) for d in self.dims)
@@ -678,21 +701,6 @@ def top(sel: Selection, dim: str, n: int = 5, by: str = "total_tokens") -> list[
     return heapq.nlargest(n, items, key=lambda item: (getattr(item[1], by), str(item[0])))
 
 
-LABEL_COLUMNS = {"user_id", "assistant", "workflow"}
-
-
-def _distinct_rows(sel: Selection, family: str, grain: int, columns: tuple[str, ...]):
-    """The rows of `family`'s tier of `grain` to take distinct values from: for a partial
-    scope's whole days without a model, operation or status filter, the scope labels
-    (ScopeLabelDaily: the gate's columns, assistant and workflow), a fifth of the wide
-    roll-up's rows, behind the same gate."""
-    plain = not (sel.models or sel.operations or sel.status != "all")
-    if family == "scope" and grain == DAY and plain and set(columns) <= LABEL_COLUMNS:
-        rows = ScopeLabelDaily.objects.filter(rollup_scope_q(_reading_scope(sel)))
-        return rows.filter(_dimension_filters(sel))
-    return _rollup_rows(sel, family, grain)
-
-
 def distinct_counts(sel: Selection, columns: tuple[str, ...]) -> dict[str, int]:
     """How many distinct non-empty values of each of `columns` (user_id, assistant,
     workflow), exact: counted in SQL over a union of the distinct values of the tiers of
@@ -701,7 +709,9 @@ def distinct_counts(sel: Selection, columns: tuple[str, ...]) -> dict[str, int]:
     tens of thousands of rows, too many to send to Python to count)."""
     start, end = _epoch(sel.start), _epoch(sel.end)
     raw_only = sel.needs_raw or sel.end - sel.start <= RAW_RANGE_LIMIT
-    family = "actor" if _family(sel, columns) == "actor" else "scope"
+    family = _family(sel, columns)
+    if family == "org":  # the narrow roll-up has no one: whole organizations' actors
+        family = "actor"
     reads, raw_ranges = (
         ([], [(start, end)])
         if raw_only
@@ -711,7 +721,7 @@ def distinct_counts(sel: Selection, columns: tuple[str, ...]) -> dict[str, int]:
         UsageEvent.objects.filter(_event_filters(sel)).filter(in_range)
         for in_range in _range_qs(raw_ranges)
     ] + [
-        _distinct_rows(sel, family, grain, columns).filter(bucket__gte=a, bucket__lt=b)
+        _rollup_rows(sel, family, grain).filter(bucket__gte=a, bucket__lt=b)
         for grain, a, b in reads
     ]
     if not branches:

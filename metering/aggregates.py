@@ -17,8 +17,9 @@ docs/architecture.md):
   operation x log-latency bucket (p95 for partial scopes, by inclusion-exclusion),
 - ScopeKeyDaily: org x UTC day x team x project x user x token (option lists of
   partial scopes),
-- ScopeLabelDaily: the same plus assistant and workflow (active users, assistants and
-  workflows of partial scopes),
+- ScopeActorDaily: org x UTC day x team x project x user x token x operation x
+  assistant x workflow (partial scopes and scope filters without a model or status:
+  metrics, series, top users, ranked tokens, distinct users / assistants / workflows),
 - OrgActorHourly / OrgActorDaily: org x hour or day x user x token x assistant x
   workflow (org-wide active users, assistants, workflows, top users, ranked tokens).
 
@@ -54,8 +55,8 @@ from .models import (
     OrgUsageDaily,
     OrgUsageHourly,
     RollupPending,
+    ScopeActorDaily,
     ScopeKeyDaily,
-    ScopeLabelDaily,
     ScopeUsage15m,
     ScopeUsageDaily,
 )
@@ -100,7 +101,7 @@ ACTOR_KEYS = ("organization_id", "bucket", "user_id", "api_token_id", "assistant
 ACTOR_MEASURES = (*MEASURES, "failed_requests")
 HIST_KEYS = ("organization_id", "bucket", "operation", "latency_bucket")
 SCOPE_KEY_KEYS = ("organization_id", "bucket", "team_id", "project_id", "user_id", "api_token_id")
-SCOPE_LABEL_KEYS = (*SCOPE_KEY_KEYS, "assistant", "workflow")
+SCOPE_ACTOR_KEYS = (*SCOPE_KEY_KEYS, "operation", "assistant", "workflow")
 MODEL_HIST_KEYS = ("organization_id", "bucket", "team_id", "model", "operation", "latency_bucket")
 PART_HIST_KEYS = ("organization_id", "part", "part_id", "bucket", "operation", "latency_bucket")
 # (part, event column) of the part histogram: every column of the visibility predicate.
@@ -216,7 +217,7 @@ ROLLUPS = (
     Rollup(LatencyHistogramModelDaily, MODEL_HIST_KEYS, ("count",), "model latency histogram"),
     Rollup(LatencyHistogramPartDaily, PART_HIST_KEYS, ("count",), "part latency histogram"),
     Rollup(ScopeKeyDaily, SCOPE_KEY_KEYS, ("requests",), "scope keys (day)"),
-    Rollup(ScopeLabelDaily, SCOPE_LABEL_KEYS, ("requests",), "scope labels (day)"),
+    Rollup(ScopeActorDaily, SCOPE_ACTOR_KEYS, ACTOR_MEASURES, "scope actor roll-up (day)"),
     Rollup(OrgActorHourly, ACTOR_KEYS, ACTOR_MEASURES, "actor roll-up (hour)"),
     Rollup(OrgActorDaily, ACTOR_KEYS, ACTOR_MEASURES, "actor roll-up (day)"),
 )
@@ -244,7 +245,7 @@ def compute_rollups(facts: Iterable[EventFacts]) -> dict[type, dict[tuple, list[
     model_hist_rows: dict[tuple, list[int]] = defaultdict(lambda: [0])
     part_hist_rows: dict[tuple, list[int]] = defaultdict(lambda: [0])
     scope_key_rows: dict[tuple, list[int]] = defaultdict(lambda: [0])
-    scope_label_rows: dict[tuple, list[int]] = defaultdict(lambda: [0])
+    scope_actor_rows: dict[tuple, list[int]] = defaultdict(lambda: [0] * len(ACTOR_MEASURES))
     for f in facts:
         ts = epoch(f.timestamp)
         bucket = ts - ts % BUCKET_SECONDS
@@ -285,7 +286,13 @@ def compute_rollups(facts: Iterable[EventFacts]) -> dict[type, dict[tuple, list[
             if part_id:
                 part_hist_rows[(f.organization_id, part, part_id, day, f.operation, lb)][0] += 1
         scope_key_rows[scope_hist_key[:6]][0] += 1  # org, day, team, project, token, user
-        scope_label_rows[(*scope_hist_key[:6], f.assistant, f.workflow)][0] += 1
+        failed = 1 if f.status_code >= 400 else 0
+        org, _, team, project, token, user = scope_hist_key[:6]
+        scope_actor = scope_actor_rows[
+            (org, day, team, project, user, token, f.operation, f.assistant, f.workflow)
+        ]
+        _add(scope_actor, values)
+        scope_actor[-1] += failed
         actor_key = (
             f.organization_id,
             hour,
@@ -296,7 +303,7 @@ def compute_rollups(facts: Iterable[EventFacts]) -> dict[type, dict[tuple, list[
         )
         actor = actor_rows[actor_key]
         _add(actor, values)
-        actor[-1] += 1 if f.status_code >= 400 else 0
+        actor[-1] += failed
     return {
         OrgUsage15m: org_rows,
         OrgUsageHourly: _fold(org_rows, HOUR_SECONDS),
@@ -312,12 +319,7 @@ def compute_rollups(facts: Iterable[EventFacts]) -> dict[type, dict[tuple, list[
             (org, day, team, project, user, token): n
             for (org, day, team, project, token, user), n in scope_key_rows.items()
         },
-        ScopeLabelDaily: {
-            (org, day, team, project, user, token, assistant, workflow): n
-            for (org, day, team, project, token, user, assistant, workflow), n in (
-                scope_label_rows.items()
-            )
-        },
+        ScopeActorDaily: scope_actor_rows,
         OrgActorHourly: actor_rows,
         OrgActorDaily: _fold(actor_rows, DAY_SECONDS),
     }
@@ -474,6 +476,14 @@ def rollup_sql(source: str, *, spend: bool = True) -> list[str]:
             actor_values,
         )
         for model, time_expr in ((OrgActorHourly, hour), (OrgActorDaily, day))
+    ] + [
+        upsert(
+            _q(ScopeActorDaily._meta.db_table),
+            list(SCOPE_ACTOR_KEYS),
+            key_exprs(SCOPE_ACTOR_KEYS, day),
+            ACTOR_MEASURES,
+            actor_values,
+        )
     ]
     hists = [
         upsert(
@@ -548,14 +558,7 @@ def rollup_sql(source: str, *, spend: bool = True) -> list[str]:
         ("requests",),
         "count(*)",
     )
-    scope_labels = upsert(
-        _q(ScopeLabelDaily._meta.db_table),
-        list(SCOPE_LABEL_KEYS),
-        key_exprs(SCOPE_LABEL_KEYS, day),
-        ("requests",),
-        "count(*)",
-    )
-    counts = [*usage, *actors, *hists, scope_hist, model_hist, part_hist, scope_keys, scope_labels]
+    counts = [*usage, *actors, *hists, scope_hist, model_hist, part_hist, scope_keys]
     return [*counts, spend_sql(source)] if spend else counts
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 USAGE_READ = re.compile(
-    r"\b(UsageEvent|Scope(?:Usage|Key|Label)\w+|Org(?:Usage|Actor)\w+|LatencyHistogram\w+)"
+    r"\b(UsageEvent|Scope(?:Usage|Key|Actor)\w+|Org(?:Usage|Actor)\w+|LatencyHistogram\w+)"
     r"\.objects\b"
 )
 ALLOWED = {
@@ -46,5 +46,5 @@ def test_query_engine_applies_the_scope_to_every_raw_and_wide_read():
     for line in text.splitlines():
         if "UsageEvent.objects" in line:
             assert "_event_filters(" in line, line
-        if re.search(r"(Scope(?:Usage|Label)\w*|wide_model)\.objects", line):
+        if re.search(r"(Scope(?:Usage|Actor)\w*|wide_model)\.objects", line):
             assert "rollup_scope_q(" in line, line

@@ -187,7 +187,7 @@ def test_whole_days_come_from_the_daily_roll_ups_and_add_up_to_raw(personas, tea
     with CaptureQueriesContext(connection) as queries:
         answer = totals(sel)
 
-    daily = "metering_scope_usage_daily" if team_filter else "metering_org_usage_daily"
+    daily = "metering_scope_actor_daily" if team_filter else "metering_org_usage_daily"
     assert any(daily in q["sql"] for q in queries.captured_queries)
     assert (answer.requests, answer.failed_requests, answer.input_tokens, answer.cost_nanos) == (
         len(events),
@@ -402,9 +402,9 @@ def test_scoped_viewers_get_exact_totals_of_their_scope(autumn, subtests):
             assert _totals_tuple(totals(sel)) == _raw_tuple(list(visible))
 
 
-def test_scoped_distinct_counts_read_the_scope_labels_and_equal_raw_events(autumn, subtests):
+def test_scoped_distinct_counts_read_the_scope_actors_and_equal_raw_events(autumn, subtests):
     """Active users, assistants and workflows of a partial scope: whole days from the
-    scope labels (not the wide roll-up), edges from quarters and raw events, exact."""
+    scope actor roll-up (not the wide one), edges from quarters and raw events, exact."""
     start = PERIODS["autumn"] + timedelta(hours=3, minutes=7, seconds=9)
     end = start + timedelta(days=3, hours=2, minutes=1)
     columns = ("user_id", "assistant", "workflow")
@@ -421,7 +421,7 @@ def test_scoped_distinct_counts_read_the_scope_labels_and_equal_raw_events(autum
                 for column in columns
             }
             sql = " ".join(q["sql"] for q in seen.captured_queries)
-            assert "metering_scope_label_daily" in sql
+            assert "metering_scope_actor_daily" in sql
             assert "metering_scope_usage_daily" not in sql
     with subtests.test("a team lead counts someone, an outsider no one"):
         counts = {
@@ -434,6 +434,57 @@ def test_scoped_distinct_counts_read_the_scope_labels_and_equal_raw_events(autum
 
         assert counts["team_lead"]["user_id"] > 0 and counts["team_lead"]["assistant"] > 0
         assert counts["outsider"] == dict.fromkeys(columns, 0)
+
+
+def test_scoped_totals_by_who_and_operation_come_from_the_scope_actors(autumn, subtests):
+    """A partial scope's totals by operation, user, token or team, failures and latency
+    sums included, and per local day in Berlin: whole days from the scope actor roll-up,
+    exactly what its raw events give; a model filter still reads the wide roll-up."""
+    start = PERIODS["autumn"] + timedelta(hours=5, minutes=3, seconds=2)
+    end = start + timedelta(days=3, hours=1, minutes=7)
+    berlin = Bucketing(DAY, ZoneInfo("Europe/Berlin"))
+    for persona in ("team_lead", "project_admin", "member"):
+        user = autumn.users[persona]
+        sel = Selection(scope=viewer_scope(user), start=start, end=end)
+        visible = list(visible_events(user).filter(timestamp__gte=start, timestamp__lt=end))
+        for dims, bucketing in (
+            (("operation",), None),
+            (("user_id",), None),
+            (("api_token_id",), None),
+            (("team_id",), None),
+            (("operation",), berlin),
+        ):
+            with subtests.test(persona=persona, dims=dims, chart=bucketing is not None):
+                expected: dict = defaultdict(lambda: [0, 0, 0, 0])
+                for e in visible:
+                    key = (
+                        berlin.key_of(int(e.timestamp.timestamp())) if bucketing else None,
+                        *(getattr(e, d) for d in dims),
+                    )
+                    acc = expected[key]
+                    acc[0] += 1
+                    acc[1] += e.status_code >= 400
+                    acc[2] += e.cost_nanos
+                    acc[3] += e.latency_ms
+                with CaptureQueriesContext(connection) as seen:
+                    got = grouped_totals(sel, dims, bucketing)
+
+                assert {
+                    key: [t.requests, t.failed_requests, t.cost_nanos, t.latency_ms_sum]
+                    for key, t in got.rows.items()
+                } == dict(expected)
+                sql = " ".join(q["sql"] for q in seen.captured_queries)
+                assert "metering_scope_actor_daily" in sql
+                assert "metering_scope_usage_daily" not in sql
+    with subtests.test("a model filter needs the wide roll-up"):
+        lead = Selection(
+            scope=viewer_scope(autumn.users["team_lead"]), start=start, end=end, models=("gpt-4o",)
+        )
+        with CaptureQueriesContext(connection) as seen:
+            grouped_totals(lead, ("operation",))
+
+        sql = " ".join(q["sql"] for q in seen.captured_queries)
+        assert "metering_scope_usage_daily" in sql and "metering_scope_actor_daily" not in sql
 
 
 def test_an_empty_scope_reads_nothing(autumn):

@@ -382,21 +382,23 @@ def test_rebuild_aggregates_repairs_drift_and_forgets_removed_events(personas):
     )
 
 
-def test_the_scope_label_migration_fills_it_from_stored_events(demo):
+def test_the_scope_actor_migration_fills_it_from_stored_events(demo):
     import importlib
     from types import SimpleNamespace
 
     from django.apps import apps
     from django.db import connection
 
-    from metering.models import ScopeLabelDaily
+    from metering.aggregates import ACTOR_MEASURES
+    from metering.models import ScopeActorDaily
 
-    migration = importlib.import_module("metering.migrations.0016_scope_label_daily")
-    written = sorted(ScopeLabelDaily.objects.values_list("pk", "requests"))
+    migration = importlib.import_module("metering.migrations.0016_scope_actor_daily")
+    written = sorted(ScopeActorDaily.objects.values_list("pk", *ACTOR_MEASURES))
     assert len(written) > 1
-    assert len({pk[6] for pk, _ in written}) > 1  # more than one assistant label
-    ScopeLabelDaily.objects.all().delete()
+    assert len({row[0][7] for row in written}) > 1  # more than one assistant label
+    assert any(row[-1] for row in written)  # some failed requests
+    ScopeActorDaily.objects.all().delete()
 
     migration.backfill(apps, SimpleNamespace(connection=connection))
 
-    assert sorted(ScopeLabelDaily.objects.values_list("pk", "requests")) == written
+    assert sorted(ScopeActorDaily.objects.values_list("pk", *ACTOR_MEASURES)) == written
