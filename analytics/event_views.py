@@ -34,11 +34,10 @@ from .eventlog import (
     event_amount,
     export_filename,
     export_rows,
-    fetch_page,
     format_amount,
     format_event_cost,
     log_filter,
-    log_parts,
+    log_page,
     usd_text,
 )
 from .exports import csv_response
@@ -195,17 +194,12 @@ def _log_context(request: HttpRequest, flt: EventLogFilter) -> dict:
     path = reverse("events")
     params = _params(request.GET)
     ordering = Ordering.parse(params.get("sort"), params.get("dir"), flt.amount_io)
-    count = count_events(flt)
-    number = _positive_int(request.GET.get("page"))
-    if count.exact:
-        number = min(number, count.pages())
-    page = fetch_page(
-        flt.qs,
+    count, page = log_page(
+        flt,
         ordering,
         after=request.GET.get("after"),
         before=request.GET.get("before"),
-        page=number,
-        parts=log_parts(flt),
+        page=_positive_int(request.GET.get("page")),
     )
     money = Money.for_org(flt.selected_org())
     return {

@@ -530,17 +530,93 @@ def about(n: int) -> str:
 def count_events(flt: EventLogFilter, cap: int | None = None) -> LogCount:
     """Exact up to `cap`; beyond, the roll-ups' count when they can answer, else a floor."""
     cap = COUNT_CAP if cap is None else cap
+    estimate = _rollup_estimate(flt, cap)
+    if estimate is not None:
+        return estimate
+    return _counted(bounded_count(flt.qs, cap, log_parts(flt)), cap)
+
+
+def _rollup_estimate(flt: EventLogFilter, cap: int) -> LogCount | None:
+    """The roll-ups' count when they can answer and it is over `cap`, else None.
+
+    The roll-ups answer first (a few rows): a large selection is then never counted row
+    by row, and only a small one is counted exactly from its events."""
     selection = flt.selection() if not flt.raw_only else None
     if selection is not None:
-        # The roll-ups answer first (a few rows): a large selection is then never counted
-        # row by row, and only a small one is counted exactly from its events.
         estimate = totals(selection).requests
         if estimate > cap:
             return LogCount(estimate, "estimate")
-    seen = bounded_count(flt.qs, cap, log_parts(flt))
+    return None
+
+
+def _counted(seen: int, cap: int) -> LogCount:
     if seen <= cap:
         return LogCount(seen, "exact")
     return LogCount(cap, "at_least")  # raw-only filters, or events arrived meanwhile
+
+
+def log_page(
+    flt: EventLogFilter,
+    ordering: Ordering,
+    *,
+    after: str | None = None,
+    before: str | None = None,
+    page: int = 1,
+    size: int = PAGE_SIZE,
+) -> tuple[LogCount, LogPage]:
+    """The log's count (`count_events`) and one page of it (`fetch_page`), a page number
+    past the end showing the last page.
+
+    A partial scope's numbered page past the first is read with its count in one
+    statement (`_keys_and_count`): both take each part's first rows in one order, so one
+    read of the longer run of rows serves both."""
+    parts = log_parts(flt)
+    number = max(page, 1)
+    cursor = decode_cursor(after, ordering) or decode_cursor(before, ordering)
+    estimate = _rollup_estimate(flt, COUNT_CAP)
+    if estimate is None and parts and number > 1 and cursor is None:
+        keys, seen = _keys_and_count(
+            flt.qs, ordering, parts, offset=(number - 1) * size, limit=size + 1, cap=COUNT_CAP
+        )
+        count = _counted(seen, COUNT_CAP)
+        if keys:
+            return count, _finish(flt.qs, ordering, keys[:size], number, len(keys) > size, True)
+    else:
+        count = estimate or _counted(bounded_count(flt.qs, COUNT_CAP, parts), COUNT_CAP)
+    if count.exact:
+        number = min(number, count.pages(size))
+    kwargs = {"after": after, "before": before, "page": number, "size": size, "parts": parts}
+    return count, fetch_page(flt.qs, ordering, **kwargs)
+
+
+def _keys_and_count(
+    qs: QuerySet, ordering: Ordering, parts: list[Q], *, offset: int, limit: int, cap: int
+) -> tuple[list[tuple], int]:
+    """`_keys(offset=offset, limit=limit)` and `bounded_count(cap)` of `qs` in `parts`,
+    from one read of each part's first max(offset + limit, cap + 1) rows in `ordering`
+    (PostgreSQL).
+
+    The count is exact up to `cap` whatever order the parts are read in: a part with
+    more than `cap` rows brings `cap` + 1 of them, and otherwise every row is read."""
+    n = max(offset + limit, cap + 1)
+    first, *rest = (
+        ordering.apply(qs.filter(part)).values_list("_sort", "id")[:n] for part in parts
+    )
+    sql, params = first.union(*rest, all=True).query.sql_with_params()
+    direction = "DESC" if ordering.descending else "ASC"
+    statement = (
+        f"WITH p AS MATERIALIZED ({sql}), d AS (SELECT DISTINCT _sort, id FROM p) "
+        "(SELECT NULL, NULL, count(*), 0 FROM d) UNION ALL "
+        f"(SELECT _sort, id, NULL, row_number() OVER (ORDER BY _sort {direction}, id {direction}) "
+        f"FROM d ORDER BY _sort {direction}, id {direction} OFFSET %s LIMIT %s)"
+    )
+    with connection.cursor() as cursor:
+        # Our own compiled SQL; the values travel as parameters.
+        cursor.execute(statement, [*params, offset, limit])
+        rows = cursor.fetchall()
+    seen = next(n for _sort, _pk, n, _place in rows if n is not None)
+    page = sorted((place, sort, pk) for sort, pk, n, place in rows if n is None)
+    return [(sort, pk) for _place, sort, pk in page], seen
 
 
 def bounded_count(qs: QuerySet, cap: int, parts: list[Q] | None = None) -> int:

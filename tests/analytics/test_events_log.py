@@ -140,6 +140,47 @@ def test_a_bounded_count_in_parts_counts_each_event_once(world, persona):
     assert eventlog.count_events(flt, cap=every - 2).kind == "at_least"
 
 
+@pytest.mark.parametrize("persona", ["team_lead", "project_admin", "member"])
+@pytest.mark.parametrize(("column", "direction"), [("time", "desc"), ("user", "asc")])
+def test_a_numbered_page_read_with_its_count_is_the_page_and_count_read_apart(
+    world, persona, column, direction, monkeypatch
+):
+    # On PostgreSQL a partial scope's page past the first and its bounded count come from
+    # one read of each part: under and over the cap, and past the last page.
+    from django.http import QueryDict
+
+    query = f"sort={column}&dir={direction}&amount_min=1"
+    flt = eventlog.log_filter(QueryDict(query), world.personas.users[persona])
+    ordering = eventlog.Ordering.parse(column, direction)
+    every = expected_ids(world, persona, {"sort": column, "dir": direction, "amount_min": "1"})
+    size = 4
+    last = -(-len(every) // size)
+    assert last >= 3
+    for cap in (len(every) + 5, len(every), len(every) - 2):
+        monkeypatch.setattr(eventlog, "COUNT_CAP", cap)
+        apart = eventlog.count_events(flt)
+        for number in (2, last, last + 3):
+            count, page = eventlog.log_page(flt, ordering, page=number, size=size)
+
+            shown = min(number, last) if apart.exact else number
+            assert count == apart, (cap, number)
+            assert page.number == shown
+            assert [e.id for e in page.rows] == every[(shown - 1) * size : shown * size]
+            assert page.has_next == (shown < last)
+    assert apart.kind == "at_least"
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    with CaptureQueriesContext(connection) as seen:
+        eventlog.log_page(flt, ordering, page=2, size=size)
+    together = [q["sql"] for q in seen.captured_queries if "MATERIALIZED" in q["sql"]]
+    counts = [q["sql"] for q in seen.captured_queries if "COUNT(*)" in q["sql"].upper()]
+    if connection.vendor == "postgresql":  # parts: the page and its count in one statement
+        assert len(together) == 1 and counts == together
+    else:
+        assert together == [] and len(counts) == 1
+
+
 def test_partial_scopes_are_read_in_parts_on_postgresql(world):
     from django.db import connection
     from django.http import QueryDict
