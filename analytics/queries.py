@@ -386,17 +386,15 @@ def _dimension_filters(sel: Selection) -> Q:
     return q
 
 
-def _counts_failures(model) -> bool:
-    """True for roll-ups that count failed requests in a column (no status column)."""
-    return any(f.name == "failed_requests" for f in model._meta.concrete_fields)
-
-
-def _rollup_aggregates(family: str = "org") -> dict:
+def _rollup_aggregates(model) -> dict:
+    """The Totals sums of a roll-up table; failed requests from its failed_requests
+    column where it has one (the actor roll-ups have no status column), else from the
+    status. Tiers of one family may differ in this, so each read asks of its own table."""
     # Annotation names get a prefix: an aggregate named like a column ("requests") would
     # shadow that column in the failed_requests expression below.
     aggs = {f"t_{m}": Sum(m) for m in MEASURES if m in Totals.__dataclass_fields__}
-    if family == "actor":
-        aggs["t_failed_requests"] = Sum("failed_requests")  # it has no status column
+    if any(f.name == "failed_requests" for f in model._meta.concrete_fields):
+        aggs["t_failed_requests"] = Sum("failed_requests")
         return aggs
     aggs["t_failed_requests"] = Sum(
         Case(When(status_code__gte=400, then=F("requests")), default=Value(0)),
@@ -555,12 +553,10 @@ class _TierReads:
     grouped by the dimensions and a time key of its own (`_k`), tagged with its place
     (`_part`), and its rows go to its own handler."""
 
-    def __init__(self, family: str, dims: tuple[str, ...]):
+    def __init__(self, dims: tuple[str, ...]):
         self.dims = dims
         self.fields = list(dims) or ["organization_id"]
-        # Tiers of a family may differ in how they count failures (a failed_requests
-        # column, or the status column): each branch gets its own table's expression.
-        self.names = list(_rollup_aggregates(family))
+        self.names: list[str] = []  # the aggregates' names, the same for every table
         self.branches: list[QuerySet] = []
         self.handlers: list = []
 
@@ -569,7 +565,8 @@ class _TierReads:
             _part=Value(len(self.branches), output_field=BigIntegerField()),
             _k=key if key is not None else Value(0, output_field=BigIntegerField()),
         )
-        aggregates = _rollup_aggregates("actor" if _counts_failures(qs.model) else "org")
+        aggregates = _rollup_aggregates(qs.model)
+        self.names = list(aggregates)
         self.branches.append(
             qs.values(*self.fields, "_part", "_k").annotate(**aggregates).order_by()
         )
@@ -633,7 +630,7 @@ def _grouped_totals(sel: Selection, dims: tuple[str, ...], bucketing: Bucketing 
     else:
         reads, raw_ranges = _plan_tiers(grains, start, end, None)
     out = _raw_grouped_ranges(sel, raw_ranges, dims, bucketing)
-    tiers = _TierReads(family, dims)
+    tiers = _TierReads(dims)
 
     def rows(grain: int) -> QuerySet:
         return _rollup_rows(sel, family, grain)
@@ -710,8 +707,6 @@ def distinct_counts(sel: Selection, columns: tuple[str, ...]) -> dict[str, int]:
     start, end = _epoch(sel.start), _epoch(sel.end)
     raw_only = sel.needs_raw or sel.end - sel.start <= RAW_RANGE_LIMIT
     family = _family(sel, columns)
-    if family == "org":  # the narrow roll-up has no one: whole organizations' actors
-        family = "actor"
     reads, raw_ranges = (
         ([], [(start, end)])
         if raw_only

@@ -470,19 +470,15 @@ def rollup_sql(source: str, *, spend: bool = True) -> list[str]:
     actors = [
         upsert(
             _q(model._meta.db_table),
-            list(ACTOR_KEYS),
-            key_exprs(ACTOR_KEYS, time_expr),
+            list(keys),
+            key_exprs(keys, time_expr),
             ACTOR_MEASURES,
             actor_values,
         )
-        for model, time_expr in ((OrgActorHourly, hour), (OrgActorDaily, day))
-    ] + [
-        upsert(
-            _q(ScopeActorDaily._meta.db_table),
-            list(SCOPE_ACTOR_KEYS),
-            key_exprs(SCOPE_ACTOR_KEYS, day),
-            ACTOR_MEASURES,
-            actor_values,
+        for model, keys, time_expr in (
+            (OrgActorHourly, ACTOR_KEYS, hour),
+            (OrgActorDaily, ACTOR_KEYS, day),
+            (ScopeActorDaily, SCOPE_ACTOR_KEYS, day),
         )
     ]
     hists = [
