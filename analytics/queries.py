@@ -15,6 +15,7 @@ offset, so days and hours are right across DST changes and in +05:30 / +05:45 zo
 """
 
 import heapq
+import re
 from collections import defaultdict
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -71,7 +72,7 @@ from metering.models import (
     UsageEvent,
 )
 
-from .visibility import Scope, rollup_scope_q, scope_columns, scope_q
+from .visibility import Scope, rollup_scope_q, scope_columns, scope_disjoint_parts, scope_q
 
 MINUTE, HOUR, DAY = 60, 3600, 86400
 WIDTHS = {"1m": MINUTE, "1h": HOUR, "1d": DAY}
@@ -366,6 +367,18 @@ def _event_filters(sel: Selection) -> Q:
     return q
 
 
+def _latency_parts(sel: Selection) -> list[QuerySet]:
+    """The selection's raw events as querysets no event is in twice, for latency counts
+    added up across them: a partial scope part by part (`scope_disjoint_parts`), each
+    read from its (organization, part, time) index alone, which carries the operation,
+    the latency and the other scope columns; one queryset otherwise. Each part narrows
+    the gated query, so it stays inside the gate; the OR alone would be a bitmap scan
+    that visits the table's pages of every event in range."""
+    gated = UsageEvent.objects.filter(_event_filters(sel))
+    parts = scope_disjoint_parts(_reading_scope(sel))
+    return [gated] if parts is None else [gated.filter(part) for part in parts]
+
+
 def _dimension_filters(sel: Selection) -> Q:
     q = Q()
     for column, values in (
@@ -386,13 +399,17 @@ def _dimension_filters(sel: Selection) -> Q:
     return q
 
 
-def _rollup_aggregates(model) -> dict:
-    """The Totals sums of a roll-up table; failed requests from its failed_requests
-    column where it has one (the actor roll-ups have no status column), else from the
-    status. Tiers of one family may differ in this, so each read asks of its own table."""
+def _rollup_aggregates(model, measures: tuple[str, ...] | None = None) -> dict:
+    """The Totals sums of a roll-up table (only `measures` when given); failed requests
+    from its failed_requests column where it has one (the actor roll-ups have no status
+    column), else from the status. Tiers of one family may differ in this, so each read
+    asks of its own table."""
     # Annotation names get a prefix: an aggregate named like a column ("requests") would
     # shadow that column in the failed_requests expression below.
-    aggs = {f"t_{m}": Sum(m) for m in MEASURES if m in Totals.__dataclass_fields__}
+    wanted = measures or tuple(Totals.__dataclass_fields__)
+    aggs = {f"t_{m}": Sum(m) for m in MEASURES if m in wanted}
+    if "failed_requests" not in wanted:
+        return aggs
     if any(f.name == "failed_requests" for f in model._meta.concrete_fields):
         aggs["t_failed_requests"] = Sum("failed_requests")
         return aggs
@@ -403,8 +420,8 @@ def _rollup_aggregates(model) -> dict:
     return aggs
 
 
-def _raw_aggregates() -> dict:
-    return {
+def _raw_aggregates(measures: tuple[str, ...] | None = None) -> dict:
+    aggs = {
         "t_requests": Count("id"),
         "t_failed_requests": Count("id", filter=Q(status_code__gte=400)),
         "t_input_tokens": Sum("input_tokens"),
@@ -417,6 +434,9 @@ def _raw_aggregates() -> dict:
         "t_latency_ms_sum": Sum("latency_ms"),
         "t_unpriced_requests": Count("id", filter=Q(cost_source=CostSource.UNPRICED)),
     }
+    if measures is None:
+        return aggs
+    return {name: agg for name, agg in aggs.items() if name[2:] in measures}
 
 
 def _to_totals(row: dict) -> Totals:
@@ -526,7 +546,11 @@ def _range_qs(ranges) -> list[Q]:
 
 
 def _raw_grouped_ranges(
-    sel: Selection, ranges, dims: tuple[str, ...], bucketing: Bucketing | None
+    sel: Selection,
+    ranges,
+    dims: tuple[str, ...],
+    bucketing: Bucketing | None,
+    measures: tuple[str, ...] | None = None,
 ) -> Grouped:
     """Raw totals over several time ranges (the two edges of a range): one UNION ALL
     statement of one indexed query per range."""
@@ -541,7 +565,7 @@ def _raw_grouped_ranges(
         if bucketing is not None:
             qs = qs.annotate(_minute=TruncMinute("timestamp", tzinfo=UTC))
             fields = [*values, "_minute"]
-        branches.append(qs.values(*fields).annotate(**_raw_aggregates()).order_by())
+        branches.append(qs.values(*fields).annotate(**_raw_aggregates(measures)).order_by())
     for row in _union_all(branches):
         key_time = bucketing.key_of(_epoch(row["_minute"])) if bucketing else None
         out.add((key_time, *(row[d] for d in dims)), _to_totals(row))
@@ -553,8 +577,9 @@ class _TierReads:
     grouped by the dimensions and a time key of its own (`_k`), tagged with its place
     (`_part`), and its rows go to its own handler."""
 
-    def __init__(self, dims: tuple[str, ...]):
+    def __init__(self, dims: tuple[str, ...], measures: tuple[str, ...] | None = None):
         self.dims = dims
+        self.measures = measures
         self.fields = list(dims) or ["organization_id"]
         self.names: list[str] = []  # the aggregates' names, the same for every table
         self.branches: list[QuerySet] = []
@@ -565,7 +590,7 @@ class _TierReads:
             _part=Value(len(self.branches), output_field=BigIntegerField()),
             _k=key if key is not None else Value(0, output_field=BigIntegerField()),
         )
-        aggregates = _rollup_aggregates(qs.model)
+        aggregates = _rollup_aggregates(qs.model, self.measures)
         self.names = list(aggregates)
         self.branches.append(
             qs.values(*self.fields, "_part", "_k").annotate(**aggregates).order_by()
@@ -601,19 +626,29 @@ def shared_reads():
 
 
 def grouped_totals(
-    sel: Selection, dims: tuple[str, ...] = (), bucketing: Bucketing | None = None
+    sel: Selection,
+    dims: tuple[str, ...] = (),
+    bucketing: Bucketing | None = None,
+    measures: tuple[str, ...] | None = None,
 ) -> Grouped:
-    """Exact totals of `sel`, grouped by `dims` and (optionally) local time buckets."""
+    """Exact totals of `sel`, grouped by `dims` and (optionally) local time buckets; only
+    `measures` (Totals fields, the others left 0) when given: each sum costs the database
+    a pass over every row read."""
     memo = _memo.get()
     if memo is None:
-        return _grouped_totals(sel, dims, bucketing)
-    key = (sel, dims, bucketing)
+        return _grouped_totals(sel, dims, bucketing, measures)
+    key = (sel, dims, bucketing, measures)
     if key not in memo:
-        memo[key] = _grouped_totals(sel, dims, bucketing)
+        memo[key] = _grouped_totals(sel, dims, bucketing, measures)
     return memo[key]
 
 
-def _grouped_totals(sel: Selection, dims: tuple[str, ...], bucketing: Bucketing | None) -> Grouped:
+def _grouped_totals(
+    sel: Selection,
+    dims: tuple[str, ...],
+    bucketing: Bucketing | None,
+    measures: tuple[str, ...] | None = None,
+) -> Grouped:
     start, end = _epoch(sel.start), _epoch(sel.end)
     raw_only = (
         sel.needs_raw
@@ -629,8 +664,8 @@ def _grouped_totals(sel: Selection, dims: tuple[str, ...], bucketing: Bucketing 
         reads, raw_ranges = [], [(start, end)]
     else:
         reads, raw_ranges = _plan_tiers(grains, start, end, None)
-    out = _raw_grouped_ranges(sel, raw_ranges, dims, bucketing)
-    tiers = _TierReads(dims)
+    out = _raw_grouped_ranges(sel, raw_ranges, dims, bucketing, measures)
+    tiers = _TierReads(dims, measures)
 
     def rows(grain: int) -> QuerySet:
         return _rollup_rows(sel, family, grain)
@@ -666,7 +701,8 @@ def _grouped_totals(sel: Selection, dims: tuple[str, ...], bucketing: Bucketing 
                 for bucket in range(ra, rb, g):
                     pieces[g][bucket] = (home_key, target)
             for ra, rb in rest:  # never on quarter marks; kept exact all the same
-                for key, t in _raw_grouped_ranges(sel, [(ra, rb)], dims, None).rows.items():
+                moved_rows = _raw_grouped_ranges(sel, [(ra, rb)], dims, None, measures).rows
+                for key, t in moved_rows.items():
                     out.add((home_key, *key[1:]), t, -1)
                     out.add((target, *key[1:]), t)
         for g, buckets in pieces.items():
@@ -821,11 +857,10 @@ class _HistogramPlan:
     raw_ranges: tuple[tuple[int, int], ...]
 
     def raw_querysets(self, sel: Selection) -> list[QuerySet]:
-        """The raw events of the edges, one indexed query each."""
-        return [
-            UsageEvent.objects.filter(_event_filters(sel)).filter(q)
-            for q in _range_qs(self.raw_ranges)
-        ]
+        """The raw events of the edges, one indexed query per range and part (their
+        latency counts add up: see `_latency_parts`)."""
+        parts = _latency_parts(sel)
+        return [part.filter(q) for q in _range_qs(self.raw_ranges) for part in parts]
 
 
 def _histogram_rows(sel: Selection, family: str, grain: int) -> QuerySet:
@@ -1068,7 +1103,8 @@ def _hist_percentiles(
     for operation, index, n in _tuples(_union_all(tiers)):
         if operation in group_of:
             counts[group_of[operation]][index] += int(n)
-    for _quarter, operation, index, n in _tuples(_raw_edge_counts(plan.raw_querysets(sel))):
+    edges = _raw_edge_counts(plan.raw_querysets(sel), by_quarter=False)
+    for _quarter, operation, index, n in _tuples(edges):
         if operation in group_of:
             counts[group_of[operation]][index] += n
     return {
@@ -1127,18 +1163,21 @@ def _latency_index_sql():
     )
 
 
-def _piece_latencies(raw_qs: QuerySet, pieces: list[tuple[int, int]]):
+def _piece_latencies(parts: list[QuerySet], pieces: list[tuple[int, int]]):
     """(piece index, operation, latency bucket, events) of the raw events in each [a, b)
-    piece: one statement, a UNION ALL of one indexed time range per piece (an OR of the
-    ranges would keep the planner from using the time column of the scope's indexes)."""
+    piece, over `parts` (`_latency_parts`: a key may come once per part, to be added up):
+    one statement, the list of pieces joined laterally to one indexed read per part, so
+    each piece is an index range of each part (an OR of the ranges would keep the planner
+    from using the time column of the scope's indexes)."""
     index = _latency_index_sql()
     if index is None:
         counts: dict[tuple, int] = defaultdict(int)
-        for i, (a, b) in enumerate(pieces):
-            for in_range in _range_qs(((a, b),)):
-                rows = raw_qs.filter(in_range).values_list("operation", "latency_ms")
-                for operation, latency in rows:
-                    counts[(i, operation, latency_bucket(latency))] += 1
+        for raw_qs in parts:
+            for i, (a, b) in enumerate(pieces):
+                for in_range in _range_qs(((a, b),)):
+                    rows = raw_qs.filter(in_range).values_list("operation", "latency_ms")
+                    for operation, latency in rows:
+                        counts[(i, operation, latency_bucket(latency))] += 1
         return [(*key, n) for key, n in counts.items()]
 
     def branch(rows: QuerySet, number: int) -> QuerySet:
@@ -1149,35 +1188,76 @@ def _piece_latencies(raw_qs: QuerySet, pieces: list[tuple[int, int]]):
             .order_by()
         )
 
-    # Every branch has the same shape: compile one, with marker values where the piece
-    # number and its bounds go, and repeat its SQL with each piece's values (a 90-day
-    # chart in Berlin has 90 pieces; compiling each costs more than running it).
+    # Every piece of a part has the same shape: compile the part's branch once, with
+    # marker values where the piece number and bounds go, and join it laterally to the
+    # pieces' list, so the database plans each part once (a 90-day chart in Berlin has 90
+    # pieces; planning or compiling a branch per piece costs more than running it).
     number, start, end = _PIECE_MARKERS
-    template = branch(raw_qs.filter(timestamp__gte=start, timestamp__lt=end), number)
-    try:
-        sql, params = template.query.sql_with_params()
-    except EmptyResultSet:
-        return []
-    slots = {m: [i for i, p in enumerate(params) if p == m] for m in _PIECE_MARKERS}
-    if any(len(found) != 1 for found in slots.values()):  # a filter value equal to a marker
-        return _union_all(
-            [
-                branch(raw_qs.filter(in_range), i)
-                for i, (a, b) in enumerate(pieces)
-                for in_range in _range_qs(((a, b),))
-            ]
-        )
-    statements, values = [], []
-    for i, (a, b) in enumerate(pieces):
-        if a >= b:
+    markers = dict(zip(_PIECE_MARKERS, ("p.i", "p.a", "p.b"), strict=True))
+    branches, values = [], []
+    for raw_qs in parts:
+        template = branch(raw_qs.filter(timestamp__gte=start, timestamp__lt=end), number)
+        try:
+            sql, params = template.query.sql_with_params()
+        except EmptyResultSet:
             continue
-        filled = list(params)
-        filled[slots[number][0]] = i
-        filled[slots[start][0]] = datetime.fromtimestamp(a, UTC)
-        filled[slots[end][0]] = datetime.fromtimestamp(b, UTC)
-        statements.append(f"({sql})")
-        values += filled
-    return _Statement(" UNION ALL ".join(statements), values)
+        pieces_sql, kept = _bind_markers(sql, params, markers)
+        if pieces_sql is None:  # a filter value equal to a marker: one branch per piece
+            return _union_all(
+                [
+                    branch(raw_qs.filter(in_range), i)
+                    for raw_qs in parts
+                    for i, (a, b) in enumerate(pieces)
+                    for in_range in _range_qs(((a, b),))
+                ]
+            )
+        branches.append(f"({pieces_sql})")
+        values += kept
+    listed = [(i, a, b) for i, (a, b) in enumerate(pieces) if a < b]
+    if not branches or not listed:
+        return []
+    rows = ", ".join(
+        ["(CAST(%s AS bigint), CAST(%s AS timestamptz), CAST(%s AS timestamptz))"] * len(listed)
+    )
+    pieces_params = [
+        v
+        for i, a, b in listed
+        for v in (i, datetime.fromtimestamp(a, UTC), datetime.fromtimestamp(b, UTC))
+    ]
+    return _Statement(
+        f"SELECT s.* FROM (VALUES {rows}) AS p (i, a, b) "
+        f"CROSS JOIN LATERAL ({' UNION ALL '.join(branches)}) AS s",
+        pieces_params + values,
+    )
+
+
+_PLACEHOLDER = re.compile(r"%[%s]")
+
+
+def _bind_markers(sql: str, params, columns: dict) -> tuple[str | None, list]:
+    """`sql` with each parameter equal to a key of `columns` replaced by that column's
+    name, and the parameters left; (None, []) when a marker is not found exactly once."""
+    found = {marker: 0 for marker in columns}
+    out, kept, position = [], [], 0
+    index = iter(params)
+    for match in _PLACEHOLDER.finditer(sql):
+        out.append(sql[position : match.start()])
+        position = match.end()
+        if match.group() == "%%":
+            out.append("%%")
+            continue
+        value = next(index)
+        marker = next((m for m in columns if value == m), None)
+        if marker is not None:
+            found[marker] += 1
+            out.append(columns[marker])
+        else:
+            out.append("%s")
+            kept.append(value)
+    out.append(sql[position:])
+    if any(n != 1 for n in found.values()):
+        return None, []
+    return "".join(out), kept
 
 
 # The piece number and bounds of `_piece_latencies`' template: values no filter holds.
@@ -1203,21 +1283,28 @@ def _finer_histogram_grains(sel: Selection, grain: int) -> tuple[int, ...]:
     return tuple(g for g, _model in tiers if g < grain)
 
 
-def _raw_edge_counts(parts: list[QuerySet]):
-    """(quarter-hour epoch, operation, latency bucket, events) of raw querysets: grouped
-    in SQL on PostgreSQL (one UNION ALL statement), row by row elsewhere."""
+def _raw_edge_counts(parts: list[QuerySet], by_quarter: bool = True):
+    """(quarter-hour epoch, operation, latency bucket, events) of raw querysets (with 0
+    for the quarter unless `by_quarter`: a percentile over the whole range needs no
+    time, and one row per quarter is 30 times the rows): grouped in SQL on PostgreSQL
+    (one UNION ALL statement), row by row elsewhere."""
     if connection.vendor != "postgresql":
         counts: dict[tuple, int] = defaultdict(int)
         for part in parts:
             rows = part.values_list("timestamp", "operation", "latency_ms")
             for ts, operation, latency in rows.iterator(chunk_size=5000):
                 epoch = _epoch(ts)
-                counts[(epoch - epoch % BUCKET_SECONDS, operation, latency_bucket(latency))] += 1
+                quarter = epoch - epoch % BUCKET_SECONDS if by_quarter else 0
+                counts[(quarter, operation, latency_bucket(latency))] += 1
         return [(*key, n) for key, n in counts.items()]
     table = UsageEvent._meta.db_table
     epoch = f'floor(extract(epoch FROM "{table}"."timestamp"))::bigint'
-    quarter = RawSQL(  # noqa: S611 - constant SQL, no user input
-        f"({epoch} - {epoch} %% {BUCKET_SECONDS})", [], output_field=BigIntegerField()
+    quarter = (
+        RawSQL(  # noqa: S611 - constant SQL, no user input
+            f"({epoch} - {epoch} %% {BUCKET_SECONDS})", [], output_field=BigIntegerField()
+        )
+        if by_quarter
+        else Value(0, output_field=BigIntegerField())
     )
     index = _latency_index_sql()
     branches = [
@@ -1305,9 +1392,8 @@ def _hist_series(
             moving = handler(move)
             for rows, sign in _histogram_reads(sel, family, g):
                 read(rows.filter(bucket__in=sorted(buckets)), F("bucket"), moving, sign)
-        raw_qs = UsageEvent.objects.filter(_event_filters(sel))
         pieces = [(a, b) for _home, _target, a, b in raw_pieces]
-        for piece, operation, index, n in _tuples(_piece_latencies(raw_qs, pieces)):
+        for piece, operation, index, n in _tuples(_piece_latencies(_latency_parts(sel), pieces)):
             if operation in group_of:
                 home_key, target, _a, _b = raw_pieces[piece]
                 group = group_of[operation]
@@ -1335,7 +1421,8 @@ def _averages(
 ) -> dict[str, dict[int, float | None]]:
     """{group: {chart bucket: average latency}} from one grouped read of the totals."""
     sums: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0])
-    for key, totals in grouped_totals(sel, ("operation",), bucketing).rows.items():
+    measures = ("requests", "latency_ms_sum")
+    for key, totals in grouped_totals(sel, ("operation",), bucketing, measures).rows.items():
         if key[1] in group_of:
             acc = sums[(group_of[key[1]], key[0])]
             acc[0] += totals.latency_ms_sum

@@ -149,6 +149,27 @@ def scope_parts(scope: Scope) -> list[Q]:
     return parts
 
 
+def scope_disjoint_parts(scope: Scope) -> list[Q] | None:
+    """A partial scope split into parts no event matches twice, whose OR is
+    `scope_q(scope)`: one per team, project, own user and own token, each excluding the
+    earlier kinds (an own-token event of the lead's team is in the team's part only).
+    Parts of one kind never overlap: an event has one team, one project, one user and one
+    token. Each part matches a leading prefix of an events index that carries the other
+    scope columns, so a reader can count every part from the index alone and add the
+    counts. None when the scope holds whole organizations (or everything)."""
+    columns = scope_columns(scope)
+    if columns is None:
+        return None
+    parts: list[Q] = []
+    earlier = Q()
+    for column, ids in columns.items():
+        for value in sorted(ids):
+            part = Q(**{column: value})
+            parts.append(part & ~earlier if earlier else part)
+        earlier |= Q(**{f"{column}__in": sorted(ids)})
+    return parts
+
+
 def scope_columns(scope: Scope) -> dict[str, frozenset[int]] | None:
     """A partial scope as {column: ids} over team_id, project_id, user_id and
     api_token_id: the events visible are those matching any one of them. None when the

@@ -73,6 +73,8 @@ class UsageEventQuerySet(models.QuerySet):
 
 # The columns of the events log's "amount" (tokens for token events, else the quantity).
 AMOUNT_COLUMNS = ["resource_type", "input_tokens", "output_tokens", "quantity"]
+# What a latency histogram counts of an event.
+LATENCY_COLUMNS = ["operation", "latency_ms"]
 # The columns of the visibility predicate (analytics.visibility.scope_parts).
 SCOPE_COLUMNS = ["user_id", "team_id", "project_id", "api_token_id"]
 
@@ -138,12 +140,18 @@ class UsageEvent(models.Model):
             # event of the scope; with the time column they also serve raw reads of a range.
             # They carry the log's amount (AMOUNT_COLUMNS) and the other columns of the
             # scope's predicate (which each part's read repeats), so a part's page and
-            # count are read from the index alone, an amount filter included.
+            # count are read from the index alone, an amount filter included; and the
+            # operation and latency, so the raw latency counts of a partial scope (a
+            # chart's edges, the pieces moved to local days) are too.
             *(
                 models.Index(
                     fields=["organization", column, "timestamp", "id"],
                     name=f"event_org_{short}_time_id",
-                    include=[*AMOUNT_COLUMNS, *(c for c in SCOPE_COLUMNS if c != f"{column}_id")],
+                    include=[
+                        *AMOUNT_COLUMNS,
+                        *LATENCY_COLUMNS,
+                        *(c for c in SCOPE_COLUMNS if c != f"{column}_id"),
+                    ],
                 )
                 for column, short in (
                     ("user", "user"),

@@ -27,7 +27,7 @@ from analytics.queries import (
     latency_series,
     totals,
 )
-from analytics.visibility import Scope, viewer_scope, visible_events
+from analytics.visibility import Scope, scope_disjoint_parts, viewer_scope, visible_events
 from metering.models import UsageEvent
 from tests.factories import event_payload, ingest
 
@@ -402,6 +402,30 @@ def test_scoped_viewers_get_exact_totals_of_their_scope(autumn, subtests):
             assert _totals_tuple(totals(sel)) == _raw_tuple(list(visible))
 
 
+def test_totals_of_some_measures_sum_those_alone_and_equal_raw_events(autumn, subtests):
+    """Latency averages ask for requests and latency only: per operation and Berlin day,
+    those equal the raw events' and no other measure is summed."""
+    start = PERIODS["autumn"] + timedelta(hours=3, minutes=7, seconds=9)
+    end = start + timedelta(days=3, hours=2, minutes=1)
+    measures = ("requests", "latency_ms_sum")
+    for persona in ("org_admin", "team_lead", "member"):
+        with subtests.test(persona):
+            user = autumn.users[persona]
+            sel = Selection(scope=viewer_scope(user), start=start, end=end)
+            bucketing = Bucketing(DAY, BERLIN)
+            expected = defaultdict(lambda: [0, 0])
+            for e in visible_events(user).filter(timestamp__gte=start, timestamp__lt=end):
+                key = (_local_bucket(e.timestamp, BERLIN, DAY), e.operation)
+                expected[key][0] += 1
+                expected[key][1] += e.latency_ms
+
+            got = grouped_totals(sel, ("operation",), bucketing, measures).rows
+
+            assert expected
+            assert {k: [t.requests, t.latency_ms_sum] for k, t in got.items()} == dict(expected)
+            assert all(t.cost_nanos == 0 and t.input_tokens == 0 for t in got.values())
+
+
 def test_scoped_distinct_counts_read_the_scope_actors_and_equal_raw_events(autumn, subtests):
     """Active users, assistants and workflows of a partial scope: whole days from the
     scope actor roll-up (not the wide one), edges from quarters and raw events, exact."""
@@ -701,32 +725,43 @@ def test_partial_scope_p95_from_part_histograms_equals_the_scope_histogram(
 
 
 def test_moved_pieces_compiled_once_count_what_one_query_per_piece_counts(autumn, monkeypatch):
-    # `_piece_latencies` compiles one branch and repeats it with each piece's values;
-    # a marker found more than once (a filter value equal to it) falls back to compiling
-    # every piece. Both count
-    # the same events of the same pieces (an empty piece counts nothing).
+    # `_piece_latencies` compiles one branch per part of the scope and repeats it with
+    # each piece's values; a marker found more than once (a filter value equal to it)
+    # falls back to compiling every piece. Both count the events of each piece once,
+    # summed over the scope's disjoint parts (an empty piece counts nothing).
     if connection.vendor != "postgresql":
         pytest.skip("raw pieces are counted in SQL on PostgreSQL")
     start = int((PERIODS["autumn"] + timedelta(hours=3)).timestamp())
     pieces = [(start + day * 86400, start + day * 86400 + 7200) for day in range(3)]
     pieces.append((start, start))
-    rows = visible_events(autumn.users["team_lead"])
-    once = analytics_queries._piece_latencies(rows, pieces)
-    assert isinstance(once, analytics_queries._Statement)
-    counted = sorted(analytics_queries._tuples(once))
-    assert counted and {piece for piece, *_ in counted} <= {0, 1, 2}
-    assert sum(n for *_, n in counted) == sum(
-        rows.filter(timestamp__gte=datetime.fromtimestamp(a, UTC))
-        .filter(timestamp__lt=datetime.fromtimestamp(b, UTC))
-        .count()
-        for a, b in pieces
-    )
+    lead = autumn.users["team_lead"]
+    rows = visible_events(lead)
+    parts = [UsageEvent.objects.filter(q) for q in scope_disjoint_parts(viewer_scope(lead))]
+    assert len(parts) >= 2
+
+    def per_piece(statement) -> dict[int, int]:
+        counts = defaultdict(int)
+        for piece, _operation, _index, n in analytics_queries._tuples(statement):
+            counts[piece] += n
+        return dict(counts)
+
+    expected = {
+        i: n
+        for i, (a, b) in enumerate(pieces)
+        if (
+            n := rows.filter(timestamp__gte=datetime.fromtimestamp(a, UTC))
+            .filter(timestamp__lt=datetime.fromtimestamp(b, UTC))
+            .count()
+        )
+    }
+    once = analytics_queries._piece_latencies(parts, pieces)
+    assert expected and per_piece(once) == expected
     number, bound, _ = analytics_queries._PIECE_MARKERS
     # Equal bounds: each marker is found twice, as a filter value equal to one would be.
     monkeypatch.setattr(analytics_queries, "_PIECE_MARKERS", (number, bound, bound))
-    each = analytics_queries._piece_latencies(rows, pieces)
-    assert not isinstance(each, analytics_queries._Statement)
-    assert sorted(analytics_queries._tuples(each)) == counted
+    each = analytics_queries._piece_latencies(parts, pieces)
+    assert per_piece(each) == expected
+    assert sorted(analytics_queries._tuples(each)) == sorted(analytics_queries._tuples(once))
 
 
 @pytest.mark.parametrize("tz", [UTC_ZONE, BERLIN, NEW_YORK, KOLKATA], ids=str)

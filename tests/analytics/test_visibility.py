@@ -8,6 +8,7 @@ from django.db.models import Count, Sum
 
 from accounts.models import Membership, Role, User
 from analytics.visibility import (
+    scope_disjoint_parts,
     scope_q,
     viewer_scope,
     visible_events,
@@ -167,6 +168,38 @@ def test_visibility_is_the_union_of_every_role(world):
     seen = set(visible_events(lead).values_list("request_id", flat=True))
 
     assert seen == expected
+
+
+@pytest.mark.parametrize("persona", ["team_lead", "project_admin", "member", "lead_and_project"])
+def test_disjoint_parts_hold_each_visible_event_once_and_nothing_else(world, persona):
+    """Counting a partial scope part by part adds up to its events: the team lead's own
+    event of a project they also administer is in one part, not two."""
+    if persona == "lead_and_project":
+        Membership.objects.create(
+            organization=world.org,
+            user=world.team_lead,
+            role=Role.PROJECT_ADMIN,
+            project=world.chatbot_project,
+        )
+        user = _fresh(world.team_lead)
+    else:
+        user = world.users[persona]
+    scope = viewer_scope(user)
+    parts = scope_disjoint_parts(scope)
+    in_parts = [
+        request_id
+        for part in parts
+        for request_id in UsageEvent.objects.filter(part).values_list("request_id", flat=True)
+    ]
+
+    assert len(parts) >= 2
+    assert sorted(in_parts) == sorted(visible_events(user).values_list("request_id", flat=True))
+    assert len(in_parts) == len(set(in_parts))
+
+
+def test_a_scope_of_whole_organizations_has_no_disjoint_parts(world):
+    assert scope_disjoint_parts(viewer_scope(world.org_admin)) is None
+    assert scope_disjoint_parts(viewer_scope(world.platform_admin)) is None
 
 
 def test_a_person_in_two_organizations_sees_each_by_their_role_there(world):
