@@ -83,6 +83,17 @@ def _fresh(user: User) -> User:
     return User.objects.get(pk=user.pk)
 
 
+def _lead_also_administering_chatbot(world) -> User:
+    """The team lead, given the chatbot project's admin role as well."""
+    Membership.objects.create(
+        organization=world.org,
+        user=world.team_lead,
+        role=Role.PROJECT_ADMIN,
+        project=world.chatbot_project,
+    )
+    return _fresh(world.team_lead)
+
+
 @pytest.mark.parametrize(
     "persona", ["org_admin", "team_lead", "project_admin", "member", "outsider"]
 )
@@ -154,13 +165,7 @@ def test_scope_predicate_gives_the_same_sums_on_the_rollup_as_on_events(world, p
 
 
 def test_visibility_is_the_union_of_every_role(world):
-    Membership.objects.create(
-        organization=world.org,
-        user=world.team_lead,
-        role=Role.PROJECT_ADMIN,
-        project=world.chatbot_project,
-    )
-    lead = _fresh(world.team_lead)
+    lead = _lead_also_administering_chatbot(world)
     expected = {
         rid for rid, viewers in EXPECTED.items() if {"team_lead", "project_admin"} & viewers
     }
@@ -175,13 +180,7 @@ def test_disjoint_parts_hold_each_visible_event_once_and_nothing_else(world, per
     """Counting a partial scope part by part adds up to its events: the team lead's own
     event of a project they also administer is in one part, not two."""
     if persona == "lead_and_project":
-        Membership.objects.create(
-            organization=world.org,
-            user=world.team_lead,
-            role=Role.PROJECT_ADMIN,
-            project=world.chatbot_project,
-        )
-        user = _fresh(world.team_lead)
+        user = _lead_also_administering_chatbot(world)
     else:
         user = world.users[persona]
     scope = viewer_scope(user)
