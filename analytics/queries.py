@@ -70,7 +70,11 @@ from metering.models import (
     ScopeUsage15m,
     ScopeUsageDaily,
     UsageEvent,
+    ViewerActorDaily,
+    ViewerHistogramDaily,
+    ViewerUsageDaily,
 )
+from metering.viewers import local_day_start, viewer_rows_ready
 
 from .visibility import Scope, rollup_scope_q, scope_columns, scope_disjoint_parts, scope_q
 
@@ -649,6 +653,10 @@ def _grouped_totals(
     bucketing: Bucketing | None,
     measures: tuple[str, ...] | None = None,
 ) -> Grouped:
+    read = _viewer_read(sel, bucketing)
+    viewer_table = _viewer_table(sel, dims) if read else None
+    if viewer_table is not None:
+        return _viewer_totals(sel, read, viewer_table, dims, bucketing, measures)
     start, end = _epoch(sel.start), _epoch(sel.end)
     raw_only = (
         sel.needs_raw
@@ -718,6 +726,120 @@ def _grouped_totals(
     return out
 
 
+# ---------------------------------------------------------------------------------------
+# Viewer roll-ups: a partial scope's own rows (metering.viewers)
+
+# What each viewer roll-up groups by, besides the organization and the day.
+VIEWER_USAGE_DIMS = {"model", "operation", "status_code"}
+VIEWER_ACTOR_DIMS = {"user_id", "api_token_id", "assistant", "workflow"}
+
+
+@dataclass(frozen=True)
+class _ViewerRead:
+    """The whole local days [a, b) of a selection that the reading viewer's own roll-up
+    rows answer: only made by `_viewer_read`, once their links equal the viewer's scope
+    in the organization (the gate's parts, counted once per event)."""
+
+    org_id: int
+    viewer_id: int
+    a: int
+    b: int
+
+    def rows(self, model) -> QuerySet:
+        return model.objects.filter(
+            organization_id=self.org_id, viewer_id=self.viewer_id, bucket__gte=self.a
+        ).filter(bucket__lt=self.b)
+
+
+def _viewer_zone(sel: Selection, org_id: int) -> str | None:
+    """The zone of the viewer's roll-up days when their rows in `org_id` count exactly
+    their scope there (remembered within `shared_reads`), else None."""
+    memo = _memo.get()
+    key = ("viewer zone", sel.scope, org_id)
+    if memo is not None and key in memo:
+        return memo[key]
+    zone = viewer_rows_ready(org_id, sel.scope.user_id, sel.scope.links_in(org_id))
+    if memo is not None:
+        memo[key] = zone
+    return zone
+
+
+def _viewer_read(sel: Selection, bucketing: Bucketing | None = None) -> _ViewerRead | None:
+    """The whole local days of `sel` from the viewer roll-ups, or None: only a partial
+    scope (a team lead, project admin or member) in one organization with no team,
+    project, user, token, session or end-user filter, over more than RAW_RANGE_LIMIT,
+    and for charts only local days in the zone the rows are counted in."""
+    scope = sel.scope
+    if (
+        scope.everything
+        or not scope.user_id
+        or len(sel.org_ids) != 1
+        or scope.covers_whole_orgs(sel.org_ids)
+        or sel.needs_scope_dims
+        or sel.needs_raw
+        or sel.end - sel.start <= RAW_RANGE_LIMIT
+    ):
+        return None
+    if bucketing is not None and bucketing.width != DAY:
+        return None
+    zone = _viewer_zone(sel, sel.org_ids[0])
+    if zone is None or (bucketing is not None and bucketing.tz.key != zone):
+        return None
+    tz = ZoneInfo(zone)
+    a = local_day_start(sel.start, tz)
+    if a < _epoch(sel.start):  # the next local midnight
+        following = sel.start.astimezone(tz).date() + timedelta(days=1)
+        a = int(datetime(following.year, following.month, following.day, tzinfo=tz).timestamp())
+    b = local_day_start(sel.end, tz)
+    if a >= b:
+        return None
+    return _ViewerRead(sel.org_ids[0], scope.user_id, a, b)
+
+
+def _viewer_table(sel: Selection, dims: tuple[str, ...]):
+    """The viewer roll-up that has `dims` and the selection's filters, or None."""
+    if set(dims) <= VIEWER_USAGE_DIMS:
+        return ViewerUsageDaily
+    plain = not (sel.models or sel.operations or sel.status != "all")
+    if plain and set(dims) <= VIEWER_ACTOR_DIMS:
+        return ViewerActorDaily
+    return None
+
+
+def _viewer_totals(
+    sel: Selection,
+    read: _ViewerRead,
+    model,
+    dims: tuple[str, ...],
+    bucketing: Bucketing | None,
+    measures: tuple[str, ...] | None,
+) -> Grouped:
+    """Totals from the viewer's own rows for the whole local days, and the partial days
+    at the edges as before (the wide 15-minute roll-up and raw seconds, behind the gate)."""
+    out = Grouped(dims)
+    tiers = _TierReads(dims, measures)
+    rows = read.rows(model).filter(_dimension_filters(sel))
+    if bucketing is None:
+        tiers.add(rows, None, lambda row, group, totals: out.add((None, *group), totals))
+    else:
+        # Each row is one local day of the chart's zone: its bucket is the chart's key.
+        tiers.add(
+            rows, F("bucket"), lambda row, group, totals: out.add((row["_k"], *group), totals)
+        )
+    tiers.run()
+    for a, b in ((sel.start, _from_epoch(read.a)), (_from_epoch(read.b), sel.end)):
+        if a < b:
+            edge = grouped_totals(replace(sel, start=a, end=b), dims, bucketing, measures)
+            for key, totals in edge.rows.items():
+                out.add(key, replace(totals))
+    out.prune()
+    return out
+
+
+def _from_epoch(epoch: int) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC)
+
+
 def _rollup_value(dim: str, value):
     """The roll-ups key a missing team/project/user/token as 0; raw events say None."""
     return None if value == 0 and dim.endswith("_id") else value
@@ -740,21 +862,7 @@ def distinct_counts(sel: Selection, columns: tuple[str, ...]) -> dict[str, int]:
     the smallest family that has them (whole days, hours, quarters) and of the raw seconds
     at the edges, one statement for every column (a month of an organization's actors is
     tens of thousands of rows, too many to send to Python to count)."""
-    start, end = _epoch(sel.start), _epoch(sel.end)
-    raw_only = sel.needs_raw or sel.end - sel.start <= RAW_RANGE_LIMIT
-    family = _family(sel, columns)
-    reads, raw_ranges = (
-        ([], [(start, end)])
-        if raw_only
-        else _plan_tiers(tuple(dict(FAMILIES[family])), start, end, None)
-    )
-    branches = [
-        UsageEvent.objects.filter(_event_filters(sel)).filter(in_range)
-        for in_range in _range_qs(raw_ranges)
-    ] + [
-        _rollup_rows(sel, family, grain).filter(bucket__gte=a, bucket__lt=b)
-        for grain, a, b in reads
-    ]
+    branches = _distinct_branches(sel, columns)
     if not branches:
         return dict.fromkeys(columns, 0)
     # Missing ids are NULL in events and 0 in roll-ups; missing labels are "" in both.
@@ -780,6 +888,37 @@ def distinct_counts(sel: Selection, columns: tuple[str, ...]) -> dict[str, int]:
         cursor.execute(f"SELECT {counts} FROM ({sql}) AS distinct_values", params)
         row = cursor.fetchone()
     return {column: int(n or 0) for column, n in zip(columns, row, strict=True)}
+
+
+def _distinct_branches(sel: Selection, columns: tuple[str, ...]) -> list[QuerySet]:
+    """The row sources whose distinct values of `columns` make `distinct_counts`: the
+    viewer's own actor rows for whole local days (a partial scope, with no model,
+    operation or status filter), else the tiers of the smallest family, and raw events
+    for the seconds no tier fits."""
+    read = _viewer_read(sel)
+    if read is not None and _viewer_table(sel, columns) is ViewerActorDaily:
+        edges = ((sel.start, _from_epoch(read.a)), (_from_epoch(read.b), sel.end))
+        return [read.rows(ViewerActorDaily)] + [
+            branch
+            for a, b in edges
+            if a < b
+            for branch in _distinct_branches(replace(sel, start=a, end=b), columns)
+        ]
+    start, end = _epoch(sel.start), _epoch(sel.end)
+    raw_only = sel.needs_raw or sel.end - sel.start <= RAW_RANGE_LIMIT
+    family = _family(sel, columns)
+    reads, raw_ranges = (
+        ([], [(start, end)])
+        if raw_only
+        else _plan_tiers(tuple(dict(FAMILIES[family])), start, end, None)
+    )
+    return [
+        UsageEvent.objects.filter(_event_filters(sel)).filter(in_range)
+        for in_range in _range_qs(raw_ranges)
+    ] + [
+        _rollup_rows(sel, family, grain).filter(bucket__gte=a, bucket__lt=b)
+        for grain, a, b in reads
+    ]
 
 
 # ---------------------------------------------------------------------------------------
@@ -855,6 +994,7 @@ class _HistogramPlan:
 
     reads: tuple[tuple[QuerySet, int, int, int, int], ...]  # rows, a, b, grain, sign
     raw_ranges: tuple[tuple[int, int], ...]
+    family: str = ""  # HIST_FAMILIES' name, or "viewer" (the viewer's own rows)
 
     def raw_querysets(self, sel: Selection) -> list[QuerySet]:
         """The raw events of the edges, one indexed query per range and part (their
@@ -933,10 +1073,23 @@ def _signed_count(sign: int):
     return Sum("count") if sign == 1 else Sum("count") * Value(sign)
 
 
-def _histogram_plan(sel: Selection, bucketing: Bucketing | None = None) -> _HistogramPlan | None:
+def _histogram_plan(
+    sel: Selection, bucketing: Bucketing | None = None, *, viewer: bool = True
+) -> _HistogramPlan | None:
     """The histograms that answer `sel`'s p95 within ~2 % (per chart bucket of
     `bucketing`, whose buckets they must not straddle), or None: raw events only, for
-    short ranges and for the filters the histograms lack (model, status, session)."""
+    short ranges and for the filters the histograms lack (model, status, session). A
+    partial scope's whole local days come from the viewer's own histogram where it is
+    counted (unless not `viewer`: its local days are not the UTC grains that pieces are
+    moved between), the partial days at the edges from raw events."""
+    read = _viewer_read(sel, bucketing) if viewer and sel.status == "all" else None
+    if read is not None and not sel.models:
+        rows = read.rows(ViewerHistogramDaily)
+        if sel.operations:
+            rows = rows.filter(operation__in=sel.operations)
+        start, end = _epoch(sel.start), _epoch(sel.end)
+        edges = tuple((a, b) for a, b in ((start, read.a), (read.b, end)) if a < b)
+        return _HistogramPlan(((rows, read.a, read.b, DAY, 1),), edges, "viewer")
     family = _hist_family(sel)
     if family is None:
         return None
@@ -950,7 +1103,7 @@ def _histogram_plan(sel: Selection, bucketing: Bucketing | None = None) -> _Hist
         for grain, a, b in grains
         for rows, sign in _histogram_reads(sel, family, grain)
     )
-    return _HistogramPlan(reads, tuple(raw_ranges))
+    return _HistogramPlan(reads, tuple(raw_ranges), family)
 
 
 # A chart whose buckets roll-up rows straddle (local days in a zone that is not UTC, over
@@ -1283,19 +1436,21 @@ def _finer_histogram_grains(sel: Selection, grain: int) -> tuple[int, ...]:
     return tuple(g for g, _model in tiers if g < grain)
 
 
-def _raw_edge_counts(parts: list[QuerySet], by_quarter: bool = True):
+def _raw_edge_counts(parts: list[QuerySet], by_quarter: bool = True, tags=None):
     """(quarter-hour epoch, operation, latency bucket, events) of raw querysets (with 0
     for the quarter unless `by_quarter`: a percentile over the whole range needs no
-    time, and one row per quarter is 30 times the rows): grouped in SQL on PostgreSQL
-    (one UNION ALL statement), row by row elsewhere."""
+    time, and one row per quarter is 30 times the rows; or, with `tags`, each part's tag
+    in its place: the chart bucket a part lies in): grouped in SQL on PostgreSQL (one
+    UNION ALL statement), row by row elsewhere."""
+    tags = tags or [None] * len(parts)
     if connection.vendor != "postgresql":
         counts: dict[tuple, int] = defaultdict(int)
-        for part in parts:
+        for part, tag in zip(parts, tags, strict=True):
             rows = part.values_list("timestamp", "operation", "latency_ms")
             for ts, operation, latency in rows.iterator(chunk_size=5000):
                 epoch = _epoch(ts)
                 quarter = epoch - epoch % BUCKET_SECONDS if by_quarter else 0
-                counts[(quarter, operation, latency_bucket(latency))] += 1
+                counts[(quarter if tag is None else tag, operation, latency_bucket(latency))] += 1
         return [(*key, n) for key, n in counts.items()]
     table = UsageEvent._meta.db_table
     epoch = f'floor(extract(epoch FROM "{table}"."timestamp"))::bigint'
@@ -1308,11 +1463,14 @@ def _raw_edge_counts(parts: list[QuerySet], by_quarter: bool = True):
     )
     index = _latency_index_sql()
     branches = [
-        part.annotate(_quarter=quarter, _index=index)
+        part.annotate(
+            _quarter=quarter if tag is None else Value(tag, output_field=BigIntegerField()),
+            _index=index,
+        )
         .values_list("_quarter", "operation", "_index")
         .annotate(n=Count("id"))
         .order_by()
-        for part in parts
+        for part, tag in zip(parts, tags, strict=True)
     ]
     return _union_all(branches)
 
@@ -1328,7 +1486,7 @@ def _hist_series(
     finer histogram where one fits them (hours, org-wide) and from raw events otherwise,
     all pieces in one statement per source."""
     aligned = _histogram_plan(sel, bucketing)
-    plan = _histogram_plan(sel)
+    plan = _histogram_plan(sel, viewer=False)
     coarsest = max((read[3] for read in plan.reads), default=None) if plan else None
     uses_coarsest = aligned is not None and any(read[3] == coarsest for read in aligned.reads)
     split = None
@@ -1343,13 +1501,15 @@ def _hist_series(
 
     family = _hist_family(sel)
     # Every histogram read is one branch of one UNION ALL statement, grouped by a time
-    # key of its own (`_k`) and tagged with the handler of its rows (`_part`); the
-    # statement sums the branches of one handler (the signed parts of a scope) per key.
+    # key of its own (`_k`) and tagged with its handler (`_part`): a function from that
+    # key to the chart buckets its counts go to, with their signs (a moved piece leaves
+    # its row's bucket and joins its own). The statement sums the branches of one handler
+    # (the signed parts of a scope) per key.
     branches: list[QuerySet] = []
     handlers: list = []
 
-    def handler(on_row) -> int:
-        handlers.append(on_row)
+    def handler(targets) -> int:
+        handlers.append(targets)
         return len(handlers) - 1
 
     def read(rows: QuerySet, key, tag: int, sign: int = 1) -> None:
@@ -1357,17 +1517,23 @@ def _hist_series(
         grouped = rows.values_list("_part", "_k", "operation", "latency_bucket")
         branches.append(grouped.annotate(n=_signed_count(sign)).order_by())
 
+    out: dict[str, dict[int, float | None]] = defaultdict(dict)
     if split is None:
         plan = aligned
-        local = handler(
-            lambda k, group, index, n: count((group, bucketing.key_from_sql(k)), index, n)
-        )
-        for rows, a, b, _grain, sign in plan.reads:
-            # Local buckets computed in SQL: a few thousand rows instead of one per hour.
-            read(rows, bucketing.expression("bucket", a, b), local, sign)
+        if plan.family == "viewer":
+            # The viewer's rows are local days of the chart's zone, each one chart
+            # bucket that no other read adds to: the database ranks them itself.
+            for rows, _a, _b, _grain, _sign in plan.reads:
+                for key, group, value in _bucket_quantiles(rows, group_of, q):
+                    out[group][key] = value
+        else:
+            local = handler(lambda k: ((bucketing.key_from_sql(k), 1),))
+            for rows, a, b, _grain, sign in plan.reads:
+                # Local buckets computed in SQL: a few thousand rows, not one per hour.
+                read(rows, bucketing.expression("bucket", a, b), local, sign)
     else:
         home, moved = split
-        at_home = handler(lambda k, group, index, n: count((group, home[k]), index, n))
+        at_home = handler(lambda k: ((home[k], 1),))
         for rows, _a, _b, _grain, sign in plan.reads:
             read(rows, F("bucket"), at_home, sign)
         # Each moved piece: from the finest histogram rows that fit it, raw for the rest.
@@ -1383,13 +1549,7 @@ def _hist_series(
                     fine_rows[g][bucket] = (home_key, target)
             raw_pieces += [(home_key, target, ra, rb) for ra, rb in rest if ra < rb]
         for g, buckets in fine_rows.items():
-
-            def move(k, group, index, n, buckets=buckets):
-                home_key, target = buckets[k]
-                count((group, home_key), index, -n)
-                count((group, target), index, n)
-
-            moving = handler(move)
+            moving = handler(lambda k, buckets=buckets: ((buckets[k][0], -1), (buckets[k][1], 1)))
             for rows, sign in _histogram_reads(sel, family, g):
                 read(rows.filter(bucket__in=sorted(buckets)), F("bucket"), moving, sign)
         pieces = [(a, b) for _home, _target, a, b in raw_pieces]
@@ -1402,17 +1562,92 @@ def _hist_series(
     # Sum in SQL only the signed parts of a scope (the same keys from several reads):
     # elsewhere each key comes from one read, and grouping would cost more than it saves.
     union = _union_all(branches)
-    summed = family == "parts"
-    for part, k, operation, index, n in _summed_tuples(union, 4) if summed else _tuples(union):
-        if operation in group_of and n:
-            handlers[part](k, group_of[operation], index, int(n))
-    for quarter, operation, index, n in _tuples(_raw_edge_counts(plan.raw_querysets(sel))):
-        if operation in group_of:
+    rows = _summed_tuples(union, 4) if plan.family == "parts" else _tuples(union)
+    targets: dict[tuple[int, int], tuple] = {}
+    for part, k, operation, index, n in rows:
+        group = group_of.get(operation)
+        if group is None or not n:
+            continue
+        found = targets.get((part, k))
+        if found is None:
+            found = targets[(part, k)] = handlers[part](k)
+        n = int(n)
+        for key, sign in found:
+            per_bucket[(group, key)][index] += sign * n
+    if plan.family == "viewer":
+        # Each edge is the part of one local day (chart bucket) the rows do not hold:
+        # counted per bucket, not per quarter hour.
+        parts = _latency_parts(sel)
+        edges = [
+            (part.filter(in_range), bucketing.key_of(a))
+            for a, b in plan.raw_ranges
+            for in_range in _range_qs(((a, b),))
+            for part in parts
+        ]
+        edge_rows = _raw_edge_counts([e for e, _ in edges], tags=[k for _, k in edges])
+    else:
+        edge_rows = _raw_edge_counts(plan.raw_querysets(sel))
+    quarters: dict[int, int] = {}
+    for quarter, operation, index, n in _tuples(edge_rows):
+        group = group_of.get(operation)
+        if group is not None:
             # Chart buckets start on quarter hours: a quarter lies within one of them.
-            count((group_of[operation], bucketing.key_of(quarter)), index, n)
-    out: dict[str, dict[int, float | None]] = defaultdict(dict)
+            key = quarters.get(quarter)
+            if key is None:
+                key = quarters[quarter] = bucketing.key_of(quarter)
+            per_bucket[(group, key)][index] += n
     for (group, key), counts in per_bucket.items():
         out[group][key] = _percentile_from_histogram(counts, q)
+    return out
+
+
+def _bucket_quantiles(rows: QuerySet, group_of: dict[str, str], q: float) -> list[tuple]:
+    """[(bucket, group, p-quantile)] of histogram `rows` whose buckets are chart buckets
+    (the viewer's local days). On PostgreSQL each bucket and group of operations comes as
+    two arrays, latency buckets in order and their counts (a few hundred rows, not one per
+    latency bucket); elsewhere as rows in that order. The nearest rank is
+    `_percentile_from_histogram`'s."""
+    if not group_of:
+        return []
+    names = sorted(set(group_of.values()))
+    grouped = rows.filter(operation__in=sorted(group_of)).annotate(
+        _g=Case(
+            *(When(operation=op, then=Value(names.index(g))) for op, g in group_of.items()),
+            output_field=BigIntegerField(),
+        )
+    )
+    if connection.vendor == "postgresql":
+        from django.contrib.postgres.aggregates import ArrayAgg
+
+        arrays = (
+            grouped.values_list("bucket", "_g")
+            .annotate(
+                i=ArrayAgg("latency_bucket", order_by="latency_bucket"),
+                n=ArrayAgg("count", order_by="latency_bucket"),
+            )
+            .order_by()
+        )
+        series = [(key, g, zip(i, n, strict=True)) for key, g, i, n in _tuples(arrays)]
+    else:
+        plain = grouped.values_list("bucket", "_g", "latency_bucket", "count").order_by(
+            "bucket", "_g", "latency_bucket"
+        )
+        found: dict[tuple, list] = defaultdict(list)
+        for key, g, i, n in plain:
+            found[(key, g)].append((i, n))
+        series = [(key, g, pairs) for (key, g), pairs in found.items()]
+    out = []
+    for key, g, pairs in series:
+        pairs = list(pairs)
+        total = sum(n for _i, n in pairs)
+        if not total:
+            continue
+        rank, seen = q * total, 0
+        for index, n in pairs:
+            seen += n
+            if seen >= rank:
+                out.append((key, names[g], latency_bucket_value(index)))
+                break
     return out
 
 

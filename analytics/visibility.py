@@ -20,7 +20,7 @@ from django.db.models import BigIntegerField, Q, QuerySet, Value
 
 from accounts.models import ApiToken, Membership, Organization, Project, Role, Team, User
 from metering.aggregates import rollups_fold
-from metering.models import ScopeKeyDaily, ScopeUsage15m, UsageEvent
+from metering.models import ScopeKeyDaily, ScopeUsage15m, UsageEvent, ViewerLinkKind
 
 # The role column's value for rows of owned API tokens in viewer_scope's one query.
 _OWNED_ROLE = "owned token"
@@ -36,6 +36,13 @@ class Scope:
     token_ids: frozenset[int] = frozenset()  # tokens the viewer owns
     member_org_ids: frozenset[int] = frozenset()  # every organization the viewer belongs to
     token_org_ids: frozenset[int] = frozenset()  # organizations of the tokens they own
+    # (organization, kind, id) of the teams led, projects administered and tokens owned:
+    # the partial scope per organization, as the viewer roll-ups link it.
+    links: frozenset[tuple[int, str, int]] = frozenset()
+
+    def links_in(self, org_id: int) -> set[tuple[str, int]]:
+        """{(kind, id)} of this scope's links in one organization (metering.viewers)."""
+        return {(kind, part) for org, kind, part in self.links if org == org_id}
 
     def covers_whole_orgs(self, org_ids) -> bool:
         """True when, within `org_ids`, the viewer sees every event (narrow roll-ups apply)."""
@@ -62,7 +69,7 @@ def viewer_scope(user, *, fold: bool = True) -> Scope:
     elif user.is_platform_admin:
         scope = Scope(everything=True, user_id=user.id)
     else:
-        orgs, teams, projects, member_orgs, tokens, token_orgs = (set() for _ in range(6))
+        orgs, teams, projects, member_orgs, tokens, token_orgs, links = (set() for _ in range(7))
         # One round trip for both: every page, partial and API call starts here.
         memberships = (
             Membership.objects.filter(user=user)
@@ -82,14 +89,17 @@ def viewer_scope(user, *, fold: bool = True) -> Scope:
             if role == _OWNED_ROLE:
                 tokens.add(team_id)  # the token's id, in the third column
                 token_orgs.add(org_id)
+                links.add((org_id, ViewerLinkKind.TOKEN.value, team_id))
                 continue
             member_orgs.add(org_id)
             if role == Role.ORG_ADMIN:
                 orgs.add(org_id)
             elif role == Role.TEAM_LEAD and team_id:
                 teams.add(team_id)
+                links.add((org_id, ViewerLinkKind.TEAM.value, team_id))
             elif role == Role.PROJECT_ADMIN and project_id:
                 projects.add(project_id)
+                links.add((org_id, ViewerLinkKind.PROJECT.value, project_id))
         scope = Scope(
             org_ids=frozenset(orgs),
             team_ids=frozenset(teams),
@@ -98,6 +108,7 @@ def viewer_scope(user, *, fold: bool = True) -> Scope:
             token_ids=frozenset(tokens),
             member_org_ids=frozenset(member_orgs),
             token_org_ids=frozenset(token_orgs),
+            links=frozenset(links),
         )
     if getattr(user, "is_authenticated", False):
         user._usage_scope = scope

@@ -190,6 +190,12 @@ def main(argv=None) -> int:
         from .load import count
 
         org_days = loaded_days()
+        # The viewer roll-ups are kept for every organization: their links and zone first,
+        # then counting each day fills them with the rest.
+        from metering.viewers import build_organization
+
+        for org_id in sorted({org for org, _ in org_days}):
+            build_organization(org_id, count=False)
         _log(
             f"==> counting {len(org_days)} organization-days into the roll-ups ({workers} workers)"
         )

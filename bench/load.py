@@ -146,10 +146,12 @@ def count(org_days: list[tuple[int, int]], workers: int, log=print) -> dict:
     connections.close_all()
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
+    # Each worker a run of consecutive days: a viewer roll-up's local day straddles two
+    # UTC days, and two workers counting neighbouring days would wait for each other.
+    size = -(-len(org_days) // workers)
+    runs = [org_days[i * size : (i + 1) * size] for i in range(workers)]
     procs = [
-        ctx.Process(target=_count_worker, args=(i, org_days[i::workers], queue))
-        for i in range(workers)
-        if org_days[i::workers]
+        ctx.Process(target=_count_worker, args=(i, run, queue)) for i, run in enumerate(runs) if run
     ]
     started = time.monotonic()
     done, last = 0, 0.0

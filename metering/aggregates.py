@@ -60,6 +60,8 @@ from .models import (
     ScopeUsage15m,
     ScopeUsageDaily,
 )
+from .viewers import rebuild_range, reconcile_range, table_keys, viewer_maps, viewer_rollup_sql
+from .viewers import viewer_rollups as _viewer_rollups
 
 # Latency histogram: bucket i holds latencies in (GAMMA^(i-1), GAMMA^i] ms, bucket 0 holds
 # 0-1 ms. Reporting the bucket's geometric middle keeps p95 within (GAMMA-1)/(GAMMA+1),
@@ -235,8 +237,13 @@ def _fold(rows: dict, grain: int) -> dict:
     return out
 
 
-def compute_rollups(facts: Iterable[EventFacts]) -> dict[type, dict[tuple, list[int]]]:
-    """Group events into every roll-up's rows: {model: {key tuple: measures}}."""
+def compute_rollups(
+    facts: Iterable[EventFacts], viewers: dict | None = None
+) -> dict[type, dict[tuple, list[int]]]:
+    """Group events into every roll-up's rows: {model: {key tuple: measures}}; with
+    `viewers` ({organization id: viewers.ViewerMap}), the viewer roll-ups' rows too."""
+    if viewers:
+        facts = list(facts)
     org_rows: dict[tuple, list[int]] = defaultdict(lambda: [0] * len(MEASURES))
     scope_rows: dict[tuple, list[int]] = defaultdict(lambda: [0] * len(MEASURES))
     hist_rows: dict[tuple, list[int]] = defaultdict(lambda: [0])
@@ -304,7 +311,7 @@ def compute_rollups(facts: Iterable[EventFacts]) -> dict[type, dict[tuple, list[
         actor = actor_rows[actor_key]
         _add(actor, values)
         actor[-1] += failed
-    return {
+    out = {
         OrgUsage15m: org_rows,
         OrgUsageHourly: _fold(org_rows, HOUR_SECONDS),
         OrgUsageDaily: _fold(org_rows, DAY_SECONDS),
@@ -323,6 +330,9 @@ def compute_rollups(facts: Iterable[EventFacts]) -> dict[type, dict[tuple, list[
         OrgActorHourly: actor_rows,
         OrgActorDaily: _fold(actor_rows, DAY_SECONDS),
     }
+    if viewers:
+        out |= _viewer_rollups(facts, viewers, _measures)
+    return out
 
 
 def _upsert(model, keys: tuple, measures: tuple, rows: list[tuple]) -> None:
@@ -356,14 +366,13 @@ def _upsert(model, keys: tuple, measures: tuple, rows: list[tuple]) -> None:
 
 
 def write_rollups(rows: dict[type, dict[tuple, list[int]]]) -> None:
-    """Add grouped rows to the roll-up tables, in key order (no deadlocks)."""
-    for rollup in ROLLUPS:
-        _upsert(
-            rollup.model,
-            rollup.keys,
-            rollup.measures,
-            [key + tuple(values) for key, values in sorted(rows[rollup.model].items())],
-        )
+    """Add grouped rows to the roll-up tables (and the viewer roll-ups, when `rows` has
+    them), in key order (no deadlocks)."""
+    tables = [(r.model, r.keys, r.measures) for r in ROLLUPS] + list(table_keys())
+    for model, keys, measures in tables:
+        found = rows.get(model)
+        if found:
+            _upsert(model, keys, measures, [k + tuple(v) for k, v in sorted(found.items())])
 
 
 def rollups_add(organization_id: int, token_id: int | None, events) -> None:
@@ -393,7 +402,7 @@ def rollups_add(organization_id: int, token_id: int | None, events) -> None:
         )
         for e in events
     )
-    write_rollups(compute_rollups(facts))
+    write_rollups(compute_rollups(facts, viewer_maps([organization_id])))
 
 
 # ---------------------------------------------------------------------------------------
@@ -414,7 +423,29 @@ LATENCY_BUCKET_SQL = (
 _EPOCH_SQL = "floor(extract(epoch FROM {col}))::bigint"
 
 
-def rollup_sql(source: str, *, spend: bool = True) -> list[str]:
+def _update_clause(table: str, measures: tuple) -> str:
+    """`x = x + EXCLUDED.x` (the greatest for maxima) for each measure of `table`."""
+    return ", ".join(
+        f"{_q(m)} = GREATEST({table}.{_q(m)}, EXCLUDED.{_q(m)})"
+        if m in _MAX_MEASURES
+        else f"{_q(m)} = {table}.{_q(m)} + EXCLUDED.{_q(m)}"
+        for m in measures
+    )
+
+
+def upsert_select_sql(model, keys: tuple, measures: tuple, select: str) -> str:
+    """INSERT the rows of `select` (the key columns, then the measures, one row per key,
+    in key order) into `model`'s table, adding them to the rows already there."""
+    table = _q(model._meta.db_table)
+    return (
+        f"INSERT INTO {table} ({', '.join(_q(k) for k in keys)}, "
+        f"{', '.join(_q(m) for m in measures)}) {select} "
+        f"ON CONFLICT ({', '.join(_q(k) for k in keys)}) "
+        f"DO UPDATE SET {_update_clause(table, measures)}"
+    )
+
+
+def rollup_sql(source: str, *, spend: bool = True, viewers: bool = True) -> list[str]:
     """The SQL twin of `compute_rollups` + `write_rollups` (+ the budget spend counters
     unless `spend` is false): one `INSERT ... SELECT ... FROM source GROUP BY key ORDER
     BY key ON CONFLICT DO UPDATE SET x = x + EXCLUDED.x` per table, over the rows of
@@ -434,12 +465,7 @@ def rollup_sql(source: str, *, spend: bool = True) -> list[str]:
     def upsert(
         table: str, keys: list[str], key_exprs: list[str], cols: tuple, values: str, rows=source
     ):
-        update = ", ".join(
-            f"{_q(m)} = GREATEST({table}.{_q(m)}, EXCLUDED.{_q(m)})"
-            if m == "latency_ms_max"
-            else f"{_q(m)} = {table}.{_q(m)} + EXCLUDED.{_q(m)}"
-            for m in cols
-        )
+        update = _update_clause(table, cols)
         n = len(keys)
         positions = ", ".join(str(i + 1) for i in range(n))
         return (
@@ -555,6 +581,8 @@ def rollup_sql(source: str, *, spend: bool = True) -> list[str]:
         "count(*)",
     )
     counts = [*usage, *actors, *hists, scope_hist, model_hist, part_hist, scope_keys]
+    if viewers:
+        counts += viewer_rollup_sql(source)
     return [*counts, spend_sql(source)] if spend else counts
 
 
@@ -735,6 +763,8 @@ def reconcile_day(org_id: int, day_start: int) -> list[str]:
             stored = _stored(rollup.model, rollup.keys, rollup.measures, org_id, day_start, day_end)
             want = {key: list(values) for key, values in expected[rollup.model].items()}
             problems += _diff(rollup.label, want, stored)
+        # The viewer roll-ups' local days overlapping this UTC day, from their own events.
+        problems += reconcile_range(org_id, day_start, day_end)
     return problems
 
 
@@ -797,6 +827,9 @@ def rebuild_day(org_id: int, day_start: int) -> None:
         events = UsageEvent.objects.filter(
             organization_id=org_id, timestamp__gte=start, timestamp__lt=end
         )
+        # The viewer roll-ups by local day: every local day overlapping this UTC day,
+        # recounted whole from its events.
+        rebuild_range(org_id, day_start, day_end)
         if connection.vendor != "postgresql":
             facts = (EventFacts(*row) for row in events.values_list(*FACT_FIELDS).iterator())
             write_rollups(compute_rollups(facts))
@@ -806,11 +839,13 @@ def rebuild_day(org_id: int, day_start: int) -> None:
             organization_id=org_id, bucket__gte=day_start, bucket__lt=day_end
         ).delete()
         with connection.cursor() as cursor:
-            for sql in count_day_sql(org_id, day_start):
+            for sql in count_day_sql(org_id, day_start, viewers=False):
                 cursor.execute(sql)
 
 
-def count_day_sql(org_id: int, day_start: int, *, pending: bool = True) -> list[str]:
+def count_day_sql(
+    org_id: int, day_start: int, *, pending: bool = True, viewers: bool = True
+) -> list[str]:
     """The statements that count one organization's events of one UTC day into every
     roll-up and the spend counters, which must hold nothing of that day yet (PostgreSQL).
 
@@ -819,7 +854,9 @@ def count_day_sql(org_id: int, day_start: int, *, pending: bool = True) -> list[
     listed as pending are left to their fold (`rebuild_day` holds the organization's lock,
     so the fold waits); their spend was counted at ingest, so the spend counters take
     every event of the day. A bulk load that counts afterwards lists nothing: `pending=False`
-    skips the check.
+    skips the check. The viewer roll-ups' local days straddle UTC days, so counting adds
+    the day's events to them (a bulk load counts each day once); `viewers=False` leaves
+    them to `viewers.rebuild_range`, which recounts their whole local days.
     """
     from datetime import UTC, datetime
 
@@ -837,4 +874,5 @@ def count_day_sql(org_id: int, day_start: int, *, pending: bool = True) -> list[
         if pending
         else f"({day}) AS day_events"
     )
-    return [*rollup_sql(counted, spend=False), spend_sql(f"({day}) AS day_events")]
+    counts = rollup_sql(counted, spend=False, viewers=viewers)
+    return [*counts, spend_sql(f"({day}) AS day_events")]

@@ -659,6 +659,127 @@ class LatencyHistogramPartDaily(models.Model):  # noqa: DJ008
 
 
 # ---------------------------------------------------------------------------------------
+# Viewer roll-ups: each partial scope counted on its own
+
+
+class ViewerLinkKind(models.TextChoices):
+    """What a viewer sees besides their own events (see ViewerLink)."""
+
+    TEAM = "team", "Team they lead"
+    PROJECT = "project", "Project they administer"
+    TOKEN = "token", "API token they own"
+
+
+class ViewerCalendar(models.Model):  # noqa: DJ008
+    """An organization whose viewer roll-ups are kept, and the zone of their days.
+
+    Present once `metering.viewers.build_organization` counted every stored event of the
+    organization into them; from then on every fold, ingest, bulk load and day rebuild
+    keeps them. Their days are local calendar days in `timezone` (the organization's when
+    built), so a chart of local days in that zone reads whole rows and moves no pieces.
+    """
+
+    organization = models.OneToOneField(
+        Organization, on_delete=models.CASCADE, primary_key=True, related_name="+"
+    )
+    timezone = models.CharField(max_length=64)
+
+    class Meta:
+        db_table = "metering_viewer_calendar"
+
+
+class ViewerLink(models.Model):  # noqa: DJ008
+    """One part of a viewer's partial scope in an organization besides their own events:
+    a team they lead, a project they administer or an API token they own.
+
+    The viewer roll-ups count an event once for each viewer who sees it: its sender, and
+    every viewer linked to its team, project or token. The links are those the rows were
+    counted with; a reader uses the rows only while the links equal the viewer's scope
+    (`metering.viewers.viewer_rows_ready`), else a rebuild is due and the shared
+    roll-ups answer.
+    """
+
+    pk = models.CompositePrimaryKey("organization", "kind", "part_id", "viewer_id")
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="+")
+    kind = models.CharField(max_length=8, choices=ViewerLinkKind.choices)
+    part_id = models.BigIntegerField()
+    viewer_id = models.BigIntegerField()
+
+    class Meta:
+        db_table = "metering_viewer_link"
+        indexes = [models.Index(fields=["organization", "viewer_id"], name="viewerlink_viewer")]
+
+
+class ViewerUsageDaily(RollupMeasures):  # noqa: DJ008
+    """One viewer's partial scope (own events, teams they lead, projects they administer,
+    tokens they own) by organization, local day, model, operation and status.
+
+    Serves a team lead, project admin or member with no team / project / user / token
+    filter what the org roll-up serves an org admin (metrics, series, models, top models):
+    a project admin's 90 days are a few thousand rows, where the shared roll-ups hold
+    the union of their parts in hundreds of thousands. bucket = UTC epoch of the local
+    midnight (ViewerCalendar's zone) that starts the day.
+    """
+
+    pk = models.CompositePrimaryKey(
+        "organization", "viewer_id", "bucket", "model", "operation", "status_code"
+    )
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE)
+    viewer_id = models.BigIntegerField()
+    bucket = models.BigIntegerField()
+    model = models.CharField(max_length=200)
+    operation = models.CharField(max_length=20)
+    status_code = models.PositiveSmallIntegerField()
+
+    class Meta:
+        db_table = "metering_viewer_usage_daily"
+
+
+class ViewerActorDaily(RollupMeasures):  # noqa: DJ008
+    """Who used one viewer's partial scope, by organization and local day: user, API
+    token, assistant and workflow, with failed requests counted (no status column).
+
+    Serves a partial scope's active users, assistants and workflows (distinct counts),
+    top users and ranked tokens, as OrgActorDaily does for whole organizations. Missing
+    ids are 0 and missing labels ''.
+    """
+
+    pk = models.CompositePrimaryKey(
+        "organization", "viewer_id", "bucket", "user_id", "api_token_id", "assistant", "workflow"
+    )
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE)
+    viewer_id = models.BigIntegerField()
+    bucket = models.BigIntegerField()
+    user_id = models.BigIntegerField()
+    api_token_id = models.BigIntegerField()
+    assistant = models.CharField(max_length=200)
+    workflow = models.CharField(max_length=200)
+    failed_requests = models.BigIntegerField(default=0)
+
+    class Meta:
+        db_table = "metering_viewer_actor_daily"
+
+
+class ViewerHistogramDaily(models.Model):  # noqa: DJ008
+    """One viewer's partial scope's latency histogram by organization, local day and
+    operation: their p95 in one index range, where the part histograms add and subtract
+    the parts' and overlaps' rows."""
+
+    pk = models.CompositePrimaryKey(
+        "organization", "viewer_id", "bucket", "operation", "latency_bucket"
+    )
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE)
+    viewer_id = models.BigIntegerField()
+    bucket = models.BigIntegerField()
+    operation = models.CharField(max_length=20)
+    latency_bucket = models.SmallIntegerField()
+    count = models.BigIntegerField(default=0)
+
+    class Meta:
+        db_table = "metering_viewer_hist_daily"
+
+
+# ---------------------------------------------------------------------------------------
 # Budgets, spend alerts and resource pools (SPEC section 5)
 
 

@@ -5,13 +5,15 @@ alert_deliver  send one alert (email + webhooks); retried with exponential backo
 budgets_sweep  periodic (beat): alerts a lost message missed, deliveries never finished
 rollups_fold   count events ingestion listed as pending in the roll-ups (after a batch,
                and periodically for all organizations, for a lost message)
+viewers_rebuild  recount one viewer's roll-ups after their roles or tokens changed (or
+               build an organization's, when it has none yet)
 """
 
 from celery import shared_task
 from django.conf import settings
 from django.db import transaction
 
-from . import aggregates, budgets
+from . import aggregates, budgets, viewers
 from .models import Budget
 
 
@@ -52,3 +54,11 @@ def budgets_sweep() -> dict:
 @shared_task(name="metering.rollups_fold", acks_late=True, ignore_result=True)
 def rollups_fold(organization_id: int | None = None) -> int:
     return aggregates.rollups_fold(None if organization_id is None else [organization_id])
+
+
+@shared_task(name="metering.viewers_rebuild", acks_late=True, ignore_result=True)
+def viewers_rebuild(organization_id: int, viewer_id: int | None = None) -> None:
+    if viewer_id is None:
+        viewers.build_organization(organization_id)
+    else:
+        viewers.rebuild_viewer(organization_id, viewer_id)

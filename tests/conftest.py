@@ -68,6 +68,15 @@ def _fast_and_isolated(settings):
     cache.clear()
 
 
+@pytest.fixture
+def shared_rollups_only(monkeypatch):
+    """Reads take the shared roll-ups, as they do for a viewer whose own roll-up rows are
+    being rebuilt (metering.viewers): for tests of that path."""
+    from analytics import queries
+
+    monkeypatch.setattr(queries, "_viewer_read", lambda sel, bucketing=None: None)
+
+
 @dataclass
 class Personas:
     org: Organization

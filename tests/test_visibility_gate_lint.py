@@ -13,8 +13,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 USAGE_READ = re.compile(
-    r"\b(UsageEvent|Scope(?:Usage|Key|Actor)\w+|Org(?:Usage|Actor)\w+|LatencyHistogram\w+)"
-    r"\.objects\b"
+    r"\b(UsageEvent|Scope(?:Usage|Key|Actor)\w+|Org(?:Usage|Actor)\w+|LatencyHistogram\w+"
+    r"|Viewer(?:Usage|Actor|Histogram)\w+)\.objects\b"
 )
 ALLOWED = {
     "analytics/visibility.py": "the gate",
@@ -22,6 +22,7 @@ ALLOWED = {
     "metering/aggregates.py": "reconciliation (check_aggregates)",
     "metering/budgets.py": "budget spend rebuild, a system job",
     "metering/pools.py": "pool counters at ingest",
+    "metering/viewers.py": "viewer roll-up builds and reconciliation, system jobs",
 }
 
 

@@ -394,6 +394,9 @@ def test_a_widget_partial_looks_up_the_viewer_once(client, world, persona):
     from django.test.utils import CaptureQueriesContext
 
     client.force_login(getattr(world, persona))
+    # The first read of a new installation builds the viewer roll-ups (here, with eager
+    # tasks, in that request): what is counted is every read after.
+    assert client.get("/dashboard/widgets/requests/?period=30d").status_code == 200
     with CaptureQueriesContext(connection) as queries:
         response = client.get("/dashboard/widgets/requests/?period=30d")
     assert response.status_code == 200

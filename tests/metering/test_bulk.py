@@ -22,6 +22,7 @@ from metering.models import (
     ScopeUsage15m,
     UsageEvent,
 )
+from metering.viewers import VIEWER_TABLES, build_organization
 from tests.factories import event_payload, ingest
 
 pytestmark = pytest.mark.django_db
@@ -128,7 +129,7 @@ def test_duplicates_change_nothing(personas):
 
 
 def _counted_tables() -> list:
-    return [r.model for r in ROLLUPS] + [BudgetSpend15m]
+    return [r.model for r in ROLLUPS] + [BudgetSpend15m, *VIEWER_TABLES]
 
 
 def _every_rollup() -> dict:
@@ -139,6 +140,7 @@ def _every_rollup() -> dict:
 
 
 def test_counting_days_after_the_load_equals_counting_each_chunk(personas):
+    build_organization(personas.org.id)  # viewer roll-ups kept: counted both ways too
     events = _events(500, seed=11)
     _load(personas, events, token=personas.member_token)
     by_chunk = _every_rollup()
@@ -159,6 +161,7 @@ def test_counting_days_after_the_load_equals_counting_each_chunk(personas):
     assert len(days) in (3, 4)  # three days back from now, cut at UTC midnights
     assert count_days(days) == len(days)
     assert _every_rollup() == by_chunk
+    assert all(_every_rollup()[model.__name__] for model in VIEWER_TABLES)
     for _, day in days:
         assert reconcile_day(personas.org.id, day) == []
 

@@ -402,3 +402,35 @@ def test_the_scope_actor_migration_fills_it_from_stored_events(demo):
     migration.backfill(apps, SimpleNamespace(connection=connection))
 
     assert sorted(ScopeActorDaily.objects.values_list("pk", *ACTOR_MEASURES)) == written
+
+
+def test_viewer_roll_ups_are_checked_named_when_wrong_and_rebuilt(demo):
+    from metering.models import ViewerHistogramDaily, ViewerLink, ViewerUsageDaily
+    from metering.viewers import build_organization, current_links
+
+    for org_id in Organization.objects.values_list("id", flat=True):
+        build_organization(org_id)
+    assert ViewerUsageDaily.objects.exists() and ViewerHistogramDaily.objects.exists()
+    assert check_aggregates()[0] == 0
+
+    acme = Organization.objects.get(slug="acme")
+    row = ViewerUsageDaily.objects.filter(organization=acme).order_by("bucket", "model").first()
+    ViewerUsageDaily.objects.filter(pk=row.pk).update(requests=F("requests") + 3)
+    status, out = check_aggregates("--org", "acme")
+    assert status == 1
+    assert any(
+        "viewer usage daily" in line and str(row.bucket) in line for line in out.splitlines()
+    )
+
+    # A token given to someone else: that viewer's links are recounted too.
+    token = acme.api_tokens.exclude(owner=None).order_by("id").first()
+    token.owner = User.objects.get(email="member@demo.test")
+    token.save()
+    out, _ = run("rebuild_aggregates", "--org", "acme")
+
+    assert "viewer(s) recounted" in out
+    assert check_aggregates()[0] == 0
+    stored = set(
+        ViewerLink.objects.filter(organization=acme).values_list("kind", "part_id", "viewer_id")
+    )
+    assert stored == current_links(acme.id)

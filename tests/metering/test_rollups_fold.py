@@ -14,7 +14,15 @@ from django.db import connection
 from django.db.models import Count, Sum
 
 from metering.aggregates import DAY_SECONDS, rebuild_day, reconcile_day, rollups_fold
-from metering.models import BudgetSpend15m, OrgUsage15m, RollupPending, ScopeUsage15m, UsageEvent
+from metering.models import (
+    BudgetSpend15m,
+    OrgUsage15m,
+    RollupPending,
+    ScopeUsage15m,
+    UsageEvent,
+    ViewerUsageDaily,
+)
+from metering.viewers import build_organization, reconcile_range
 from tests.conftest import bearer
 from tests.factories import event_payload, ingest
 from tests.services import REDIS_URL, celery_worker, redis_up, wait_for
@@ -181,3 +189,21 @@ def test_a_real_worker_folds_the_batches_of_a_window_at_once(personas, settings,
     # One fold for the three batches: the first scheduled it, the others were inside
     # its window.
     assert log.read_text().count("Task metering.rollups_fold[") == 2, log.read_text()[-3000:]
+
+
+def test_a_fold_counts_the_events_for_every_viewer_who_sees_them(personas, deferred):
+    build_organization(personas.org.id)
+    ingest(personas.org, _batch(personas), token=personas.member_token)
+    start = int(T0.timestamp()) - 86400
+    viewer_rows = ViewerUsageDaily.objects.filter(organization=personas.org)
+    assert not viewer_rows.exists()  # listed, not counted yet
+
+    assert rollups_fold([personas.org.id]) == 40
+    # The member (sender of some, owner of the token) and the team lead (platform).
+    assert set(viewer_rows.values_list("viewer_id", flat=True)) == {
+        personas.member.id,
+        personas.team_lead.id,
+    }
+    assert reconcile_range(personas.org.id, start, start + 3 * 86400) == []
+    day = int(T0.timestamp()) // DAY_SECONDS * DAY_SECONDS
+    assert reconcile_day(personas.org.id, day) == []
