@@ -71,10 +71,12 @@ from metering.models import (
     ScopeUsageDaily,
     UsageEvent,
     ViewerActorDaily,
+    ViewerActorHourly,
     ViewerHistogramDaily,
     ViewerUsageDaily,
+    ViewerUsageHourly,
 )
-from metering.viewers import local_day_start, viewer_rows_ready
+from metering.viewers import WHOLE_ORGANIZATION, local_day_start, viewer_rows_ready
 
 from .visibility import Scope, rollup_scope_q, scope_columns, scope_disjoint_parts, scope_q
 
@@ -731,6 +733,8 @@ def _grouped_totals(
 
 # What each viewer roll-up groups by, besides the organization and the day.
 VIEWER_USAGE_DIMS = {"model", "operation", "status_code"}
+# The hourly table of each daily one: the whole hours of a range's partial days.
+VIEWER_HOURLY = {ViewerUsageDaily: ViewerUsageHourly, ViewerActorDaily: ViewerActorHourly}
 VIEWER_ACTOR_DIMS = {"user_id", "api_token_id", "assistant", "workflow"}
 
 
@@ -745,44 +749,64 @@ class _ViewerRead:
     a: int
     b: int
 
-    def rows(self, model) -> QuerySet:
+    def rows(self, model, a: int | None = None, b: int | None = None) -> QuerySet:
+        """The viewer's rows of `model` in [a, b) (default: the whole local days)."""
+        a, b = (self.a, self.b) if a is None else (a, b)
         return model.objects.filter(
-            organization_id=self.org_id, viewer_id=self.viewer_id, bucket__gte=self.a
-        ).filter(bucket__lt=self.b)
+            organization_id=self.org_id, viewer_id=self.viewer_id, bucket__gte=a
+        ).filter(bucket__lt=b)
+
+    def edges(self, sel: Selection) -> list[tuple[int, int, int, int]]:
+        """[(start, end, first whole hour, end of the last)] of the partial local days at
+        either end of `sel`: their whole hours come from the viewer's hourly rows, the
+        seconds around them from raw events."""
+        out = []
+        for a, b in ((_epoch(sel.start), self.a), (self.b, _epoch(sel.end))):
+            if a < b:
+                ha, hb = _ceil(a, HOUR), b - b % HOUR
+                out.append((a, b, ha, hb) if ha < hb else (a, b, b, b))
+        return out
 
 
-def _viewer_zone(sel: Selection, org_id: int) -> str | None:
+def _viewer_zone(sel: Selection, org_id: int, viewer: int) -> str | None:
     """The zone of the viewer's roll-up days when their rows in `org_id` count exactly
     their scope there (remembered within `shared_reads`), else None."""
     memo = _memo.get()
-    key = ("viewer zone", sel.scope, org_id)
+    key = ("viewer zone", sel.scope, org_id, viewer)
     if memo is not None and key in memo:
         return memo[key]
-    zone = viewer_rows_ready(org_id, sel.scope.user_id, sel.scope.links_in(org_id))
+    links = set() if viewer == WHOLE_ORGANIZATION else sel.scope.links_in(org_id)
+    zone = viewer_rows_ready(org_id, viewer, links)
     if memo is not None:
         memo[key] = zone
     return zone
 
 
 def _viewer_read(sel: Selection, bucketing: Bucketing | None = None) -> _ViewerRead | None:
-    """The whole local days of `sel` from the viewer roll-ups, or None: only a partial
-    scope (a team lead, project admin or member) in one organization with no team,
-    project, user, token, session or end-user filter, over more than RAW_RANGE_LIMIT,
-    and for charts only local days in the zone the rows are counted in."""
+    """The whole local days of `sel` from the viewer roll-ups, or None: a partial scope
+    (a team lead, project admin or member) in one organization, or, for charts, one
+    whole organization (its WHOLE_ORGANIZATION rows: local days that move no pieces,
+    where otherwise the org roll-ups' UTC days answer as well), with no team, project,
+    user, token, session or end-user filter, over more than RAW_RANGE_LIMIT; charts only
+    of local days in the zone the rows are counted in."""
     scope = sel.scope
     if (
-        scope.everything
-        or not scope.user_id
-        or len(sel.org_ids) != 1
-        or scope.covers_whole_orgs(sel.org_ids)
+        len(sel.org_ids) != 1
         or sel.needs_scope_dims
         or sel.needs_raw
         or sel.end - sel.start <= RAW_RANGE_LIMIT
+        or (bucketing is not None and bucketing.width != DAY)
     ):
         return None
-    if bucketing is not None and bucketing.width != DAY:
+    if scope.covers_whole_orgs(sel.org_ids):
+        if bucketing is None:
+            return None
+        viewer = WHOLE_ORGANIZATION
+    elif scope.user_id:
+        viewer = scope.user_id
+    else:
         return None
-    zone = _viewer_zone(sel, sel.org_ids[0])
+    zone = _viewer_zone(sel, sel.org_ids[0], viewer)
     if zone is None or (bucketing is not None and bucketing.tz.key != zone):
         return None
     tz = ZoneInfo(zone)
@@ -793,7 +817,7 @@ def _viewer_read(sel: Selection, bucketing: Bucketing | None = None) -> _ViewerR
     b = local_day_start(sel.end, tz)
     if a >= b:
         return None
-    return _ViewerRead(sel.org_ids[0], scope.user_id, a, b)
+    return _ViewerRead(sel.org_ids[0], viewer, a, b)
 
 
 def _viewer_table(sel: Selection, dims: tuple[str, ...]):
@@ -818,26 +842,26 @@ def _viewer_totals(
     at the edges as before (the wide 15-minute roll-up and raw seconds, behind the gate)."""
     out = Grouped(dims)
     tiers = _TierReads(dims, measures)
-    rows = read.rows(model).filter(_dimension_filters(sel))
-    if bucketing is None:
-        tiers.add(rows, None, lambda row, group, totals: out.add((None, *group), totals))
-    else:
-        # Each row is one local day of the chart's zone: its bucket is the chart's key.
-        tiers.add(
-            rows, F("bucket"), lambda row, group, totals: out.add((row["_k"], *group), totals)
-        )
+    filters = _dimension_filters(sel)
+    hourly = VIEWER_HOURLY[model]
+
+    def at_key(row, group, totals):
+        out.add((row["_k"] if bucketing is not None else None, *group), totals)
+
+    # Each daily row is one local day of the chart's zone: its bucket is the chart's key;
+    # each edge lies within one local day, the chart bucket its hours go to.
+    tiers.add(read.rows(model).filter(filters), F("bucket") if bucketing else None, at_key)
+    raw_ranges = []
+    for a, b, ha, hb in read.edges(sel):
+        if ha < hb:
+            key = Value(bucketing.key_of(a), output_field=BigIntegerField()) if bucketing else None
+            tiers.add(read.rows(hourly, ha, hb).filter(filters), key, at_key)
+        raw_ranges += [(a, ha), (hb, b)]
     tiers.run()
-    for a, b in ((sel.start, _from_epoch(read.a)), (_from_epoch(read.b), sel.end)):
-        if a < b:
-            edge = grouped_totals(replace(sel, start=a, end=b), dims, bucketing, measures)
-            for key, totals in edge.rows.items():
-                out.add(key, replace(totals))
+    for key, totals in _raw_grouped_ranges(sel, raw_ranges, dims, bucketing, measures).rows.items():
+        out.add(key, totals)
     out.prune()
     return out
-
-
-def _from_epoch(epoch: int) -> datetime:
-    return datetime.fromtimestamp(epoch, UTC)
 
 
 def _rollup_value(dim: str, value):
@@ -897,12 +921,15 @@ def _distinct_branches(sel: Selection, columns: tuple[str, ...]) -> list[QuerySe
     for the seconds no tier fits."""
     read = _viewer_read(sel)
     if read is not None and _viewer_table(sel, columns) is ViewerActorDaily:
-        edges = ((sel.start, _from_epoch(read.a)), (_from_epoch(read.b), sel.end))
-        return [read.rows(ViewerActorDaily)] + [
-            branch
-            for a, b in edges
-            if a < b
-            for branch in _distinct_branches(replace(sel, start=a, end=b), columns)
+        branches = [read.rows(ViewerActorDaily)]
+        raw_ranges = []
+        for a, b, ha, hb in read.edges(sel):
+            if ha < hb:
+                branches.append(read.rows(ViewerActorHourly, ha, hb))
+            raw_ranges += [(a, ha), (hb, b)]
+        return branches + [
+            UsageEvent.objects.filter(_event_filters(sel)).filter(in_range)
+            for in_range in _range_qs(raw_ranges)
         ]
     start, end = _epoch(sel.start), _epoch(sel.end)
     raw_only = sel.needs_raw or sel.end - sel.start <= RAW_RANGE_LIMIT

@@ -735,6 +735,24 @@ class ViewerUsageDaily(RollupMeasures):  # noqa: DJ008
         db_table = "metering_viewer_usage_daily"
 
 
+class ViewerUsageHourly(RollupMeasures):  # noqa: DJ008
+    """ViewerUsageDaily by UTC hour: the partial days at the edges of a range (a month's
+    metrics have four), in hours instead of the wide 15-minute roll-up's union of parts."""
+
+    pk = models.CompositePrimaryKey(
+        "organization", "viewer_id", "bucket", "model", "operation", "status_code"
+    )
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE)
+    viewer_id = models.BigIntegerField()
+    bucket = models.BigIntegerField()  # UTC hour start, epoch seconds
+    model = models.CharField(max_length=200)
+    operation = models.CharField(max_length=20)
+    status_code = models.PositiveSmallIntegerField()
+
+    class Meta:
+        db_table = "metering_viewer_usage_hourly"
+
+
 class ViewerActorDaily(RollupMeasures):  # noqa: DJ008
     """Who used one viewer's partial scope, by organization and local day: user, API
     token, assistant and workflow, with failed requests counted (no status column).
@@ -758,6 +776,25 @@ class ViewerActorDaily(RollupMeasures):  # noqa: DJ008
 
     class Meta:
         db_table = "metering_viewer_actor_daily"
+
+
+class ViewerActorHourly(RollupMeasures):  # noqa: DJ008
+    """ViewerActorDaily by UTC hour: the partial days at the edges of a range."""
+
+    pk = models.CompositePrimaryKey(
+        "organization", "viewer_id", "bucket", "user_id", "api_token_id", "assistant", "workflow"
+    )
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE)
+    viewer_id = models.BigIntegerField()
+    bucket = models.BigIntegerField()  # UTC hour start, epoch seconds
+    user_id = models.BigIntegerField()
+    api_token_id = models.BigIntegerField()
+    assistant = models.CharField(max_length=200)
+    workflow = models.CharField(max_length=200)
+    failed_requests = models.BigIntegerField(default=0)
+
+    class Meta:
+        db_table = "metering_viewer_actor_hourly"
 
 
 class ViewerHistogramDaily(models.Model):  # noqa: DJ008

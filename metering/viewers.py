@@ -37,14 +37,17 @@ from django.db import connection, transaction
 from accounts.models import ApiToken, Membership, Organization, Role
 
 from .models import (
+    HOUR_SECONDS,
     RollupPending,
     UsageEvent,
     ViewerActorDaily,
+    ViewerActorHourly,
     ViewerCalendar,
     ViewerHistogramDaily,
     ViewerLink,
     ViewerLinkKind,
     ViewerUsageDaily,
+    ViewerUsageHourly,
 )
 
 log = logging.getLogger(__name__)
@@ -60,7 +63,12 @@ VIEWER_ACTOR_KEYS = (
     "workflow",
 )
 VIEWER_HIST_KEYS = ("organization_id", "viewer_id", "bucket", "operation", "latency_bucket")
-VIEWER_TABLES = (ViewerUsageDaily, ViewerActorDaily, ViewerHistogramDaily)
+VIEWER_DAILY = (ViewerUsageDaily, ViewerActorDaily, ViewerHistogramDaily)
+VIEWER_HOURLY = (ViewerUsageHourly, ViewerActorHourly)
+VIEWER_TABLES = (*VIEWER_DAILY, *VIEWER_HOURLY)
+# The viewer id of rows counting every event of the organization (readers who see it
+# whole: the org roll-ups by local day, so their charts of local days move no pieces).
+WHOLE_ORGANIZATION = 0
 # The event column each kind of link matches.
 LINK_COLUMNS = {
     ViewerLinkKind.TEAM.value: "team_id",
@@ -109,7 +117,8 @@ def viewer_rows_ready(
     """The zone of the viewer roll-ups' days when `viewer_id`'s rows in `org_id` were
     counted with exactly `links` ({(kind, part id)}: their scope in that organization
     today), else None: the rows are not built, or the viewer's roles or tokens changed
-    since (a rebuild is then requested, and the shared roll-ups answer meanwhile)."""
+    since (a rebuild is then requested, and the shared roll-ups answer meanwhile). The
+    WHOLE_ORGANIZATION rows have no links: they are ready once the organization's are."""
     with connection.cursor() as cursor:
         cursor.execute(
             f"SELECT timezone, NULL, NULL FROM {ViewerCalendar._meta.db_table} "
@@ -141,7 +150,7 @@ class ViewerMap:
     by_column: dict[str, dict[int, set[int]]] = field(default_factory=dict)
 
     def viewers(self, fact) -> set[int]:
-        found = {fact.user_id} if fact.user_id else set()
+        found = {WHOLE_ORGANIZATION, fact.user_id} if fact.user_id else {WHOLE_ORGANIZATION}
         for column, parts in self.by_column.items():
             part_id = getattr(fact, column)
             if part_id in parts:
@@ -186,6 +195,8 @@ def viewer_rollups(facts: Iterable, maps: dict[int, ViewerMap], measures) -> dic
     usage: dict[tuple, list[int]] = {}
     actors: dict[tuple, list[int]] = {}
     hist: dict[tuple, list[int]] = defaultdict(lambda: [0])
+    usage_hours: dict[tuple, list[int]] = {}
+    actor_hours: dict[tuple, list[int]] = {}
     for f in facts:
         found = maps.get(f.organization_id)
         if found is None:
@@ -194,26 +205,32 @@ def viewer_rollups(facts: Iterable, maps: dict[int, ViewerMap], measures) -> dic
         if not viewers:
             continue
         day = found.day(f.timestamp)
+        ts = int(f.timestamp.timestamp())
+        hour = ts - ts % HOUR_SECONDS
         values = measures(f)
         lb = latency_bucket(f.latency_ms)
         failed = 1 if f.status_code >= 400 else 0
+        who = (f.user_id or 0, f.api_token_id or 0, f.assistant, f.workflow)
         for viewer in viewers:
-            key = (f.organization_id, viewer, day, f.model, f.operation, f.status_code)
-            _add(usage.setdefault(key, [0] * len(values)), values)
-            actor_key = (
-                f.organization_id,
-                viewer,
-                day,
-                f.user_id or 0,
-                f.api_token_id or 0,
-                f.assistant,
-                f.workflow,
-            )
-            actor = actors.setdefault(actor_key, [0] * (len(values) + 1))
-            _add(actor, values)
-            actor[-1] += failed
+            for bucket, by_model, by_actor in (
+                (day, usage, actors),
+                (hour, usage_hours, actor_hours),
+            ):
+                key = (f.organization_id, viewer, bucket, f.model, f.operation, f.status_code)
+                _add(by_model.setdefault(key, [0] * len(values)), values)
+                actor = by_actor.setdefault(
+                    (f.organization_id, viewer, bucket, *who), [0] * (len(values) + 1)
+                )
+                _add(actor, values)
+                actor[-1] += failed
             hist[(f.organization_id, viewer, day, f.operation, lb)][0] += 1
-    return {ViewerUsageDaily: usage, ViewerActorDaily: actors, ViewerHistogramDaily: hist}
+    return {
+        ViewerUsageDaily: usage,
+        ViewerActorDaily: actors,
+        ViewerHistogramDaily: hist,
+        ViewerUsageHourly: usage_hours,
+        ViewerActorHourly: actor_hours,
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -224,7 +241,9 @@ def _q(name: str) -> str:
     return connection.ops.quote_name(name)
 
 
-def viewer_rollup_sql(source: str, *, viewer_id: int | None = None) -> list[str]:
+def viewer_rollup_sql(
+    source: str, *, viewer_id: int | None = None, tables: tuple = VIEWER_TABLES
+) -> list[str]:
     """Upserts adding the events of `source` (a table or a subquery with an alias, as for
     aggregates.rollup_sql) to the viewer roll-ups of organizations that keep them: each
     event once per viewer who sees it (or only for `viewer_id`). The events are first
@@ -235,12 +254,15 @@ def viewer_rollup_sql(source: str, *, viewer_id: int | None = None) -> list[str]
     calendar = _q(ViewerCalendar._meta.db_table)
     link = _q(ViewerLink._meta.db_table)
     day = "extract(epoch FROM date_trunc('day', e.\"timestamp\", c.timezone))::bigint"
+    epoch = 'floor(extract(epoch FROM e."timestamp"))::bigint'
+    hour = f"({epoch} - {epoch} % {HOUR_SECONDS})"
     scope = ["e.organization_id", "e.team_id", "e.project_id", "e.user_id", "e.api_token_id"]
     matches = " OR ".join(
         f"(l.kind = '{kind}' AND l.part_id = k.{column})" for kind, column in LINK_COLUMNS.items()
     )
     fan = (
-        "CROSS JOIN LATERAL (SELECT k.user_id AS viewer_id WHERE k.user_id IS NOT NULL "
+        f"CROSS JOIN LATERAL (SELECT {WHOLE_ORGANIZATION}::bigint AS viewer_id "
+        "UNION SELECT k.user_id WHERE k.user_id IS NOT NULL "
         f"UNION SELECT l.viewer_id FROM {link} l "
         f"WHERE l.organization_id = k.organization_id AND ({matches})) v"
     )
@@ -276,7 +298,8 @@ def viewer_rollup_sql(source: str, *, viewer_id: int | None = None) -> list[str]
 
     def statement(model, keys: tuple, measures: tuple) -> str:
         own = [k for k in keys if k not in ("organization_id", "viewer_id", "bucket")]
-        inner_keys = [*scope, f"{day} AS bucket", *(f"{columns[k]} AS k_{k}" for k in own)]
+        bucket = hour if model in VIEWER_HOURLY else day
+        inner_keys = [*scope, f"{bucket} AS bucket", *(f"{columns[k]} AS k_{k}" for k in own)]
         inner = (
             f"SELECT {', '.join(inner_keys)}, "
             + ", ".join(f"{sums[m]} AS m_{m}" for m in measures)
@@ -294,7 +317,11 @@ def viewer_rollup_sql(source: str, *, viewer_id: int | None = None) -> list[str]
         )
         return upsert_select_sql(model, keys, measures, select)
 
-    return [statement(model, keys, measures) for model, keys, measures in table_keys()]
+    return [
+        statement(model, keys, measures)
+        for model, keys, measures in table_keys()
+        if model in tables
+    ]
 
 
 # ---------------------------------------------------------------------------------------
@@ -314,14 +341,18 @@ def _events_source(org_id: int, where: str = "") -> str:
     )
 
 
-def _count_python(org_id: int, events, viewer_id: int | None = None) -> None:
+def _count_python(
+    org_id: int, events, viewer_id: int | None = None, tables: tuple = VIEWER_TABLES
+) -> None:
     """SQLite: count `events` (a queryset of the organization's events) into the viewer
-    roll-ups with the stored links (only into `viewer_id`'s rows when given)."""
+    roll-ups (`tables`) with the stored links (only into `viewer_id`'s rows when given)."""
     from .aggregates import FACT_FIELDS, EventFacts, _measures, _upsert
 
     facts = (EventFacts(*row) for row in events.values_list(*FACT_FIELDS).iterator(2000))
     rows = viewer_rollups(facts, viewer_maps([org_id]), _measures)
     for model, keys, measures in table_keys():
+        if model not in tables:
+            continue
         found = sorted(
             key + tuple(values)
             for key, values in rows[model].items()
@@ -420,26 +451,31 @@ def rebuild_viewer(org_id: int, viewer_id: int) -> None:
 
 
 def rebuild_range(org_id: int, start: int, end: int) -> None:
-    """Recount the viewer roll-ups of `org_id` for the local days overlapping [start, end)
-    (UTC epochs) from the stored events of those days, inside the caller's transaction
-    and fold lock (aggregates.rebuild_day). Nothing when the organization keeps none."""
+    """Recount the viewer roll-ups of `org_id` for [start, end) (whole UTC hours: a UTC
+    day) from the stored events, inside the caller's transaction and fold lock
+    (aggregates.rebuild_day): the hourly rows of that range, and the daily rows of every
+    local day overlapping it, whole. Nothing when the organization keeps none."""
     calendar = ViewerCalendar.objects.filter(organization_id=org_id).first()
     if calendar is None:
         return
     a, b = local_days_around(start, end, ZoneInfo(calendar.timezone))
-    for model in VIEWER_TABLES:
-        model.objects.filter(organization_id=org_id, bucket__gte=a, bucket__lt=b).delete()
-    since, until = (datetime.fromtimestamp(t, UTC) for t in (a, b))
-    if connection.vendor == "postgresql":
-        where = f"ev.\"timestamp\" >= '{since.isoformat()}' AND ev.\"timestamp\" < '{until.isoformat()}'"
-        with connection.cursor() as cursor:
-            for sql in viewer_rollup_sql(_events_source(org_id, where)):
-                cursor.execute(sql)
-        return
-    events = UsageEvent.objects.filter(
-        organization_id=org_id, timestamp__gte=since, timestamp__lt=until
-    )
-    _count_python(org_id, events.filter(_not_pending_q(org_id)))
+    for tables, (lo, hi) in ((VIEWER_DAILY, (a, b)), (VIEWER_HOURLY, (start, end))):
+        for model in tables:
+            model.objects.filter(organization_id=org_id, bucket__gte=lo, bucket__lt=hi).delete()
+        since, until = (datetime.fromtimestamp(t, UTC) for t in (lo, hi))
+        if connection.vendor == "postgresql":
+            where = (
+                f"ev.\"timestamp\" >= '{since.isoformat()}' "
+                f"AND ev.\"timestamp\" < '{until.isoformat()}'"
+            )
+            with connection.cursor() as cursor:
+                for sql in viewer_rollup_sql(_events_source(org_id, where), tables=tables):
+                    cursor.execute(sql)
+            continue
+        events = UsageEvent.objects.filter(
+            organization_id=org_id, timestamp__gte=since, timestamp__lt=until
+        )
+        _count_python(org_id, events.filter(_not_pending_q(org_id)), tables=tables)
 
 
 def local_days_around(start: int, end: int, tz: ZoneInfo) -> tuple[int, int]:
@@ -470,11 +506,14 @@ def reconcile_range(org_id: int, start: int, end: int) -> list[str]:
     facts = (EventFacts(*row) for row in events.values_list(*FACT_FIELDS).iterator(2000))
     expected = viewer_rollups(facts, viewer_maps([org_id]), _measures)
     for model, keys, measures in table_keys():
+        # Daily rows of the local days around the range (whole: their events were read),
+        # hourly rows of the range itself.
+        lo, hi = (start, end) if model in VIEWER_HOURLY else (a, b)
         stored = {}
-        rows = model.objects.filter(organization_id=org_id, bucket__gte=a, bucket__lt=b)
+        rows = model.objects.filter(organization_id=org_id, bucket__gte=lo, bucket__lt=hi)
         for row in rows.values_list(*keys, *measures).iterator(chunk_size=5000):
             stored[tuple(row[: len(keys)])] = list(row[len(keys) :])
-        want = {key: list(values) for key, values in expected[model].items()}
+        want = {key: list(values) for key, values in expected[model].items() if lo <= key[2] < hi}
         problems += _diff(model._meta.verbose_name, want, stored)
     return problems
 
@@ -505,6 +544,8 @@ def table_keys() -> tuple:
         (ViewerUsageDaily, VIEWER_USAGE_KEYS, MEASURES),
         (ViewerActorDaily, VIEWER_ACTOR_KEYS, ACTOR_MEASURES),
         (ViewerHistogramDaily, VIEWER_HIST_KEYS, ("count",)),
+        (ViewerUsageHourly, VIEWER_USAGE_KEYS, MEASURES),
+        (ViewerActorHourly, VIEWER_ACTOR_KEYS, ACTOR_MEASURES),
     )
 
 

@@ -286,3 +286,26 @@ def test_a_new_zone_counts_the_rows_again_by_its_local_days(autumn):
     assert not _reads_viewer_rows(stale_sql)
     assert "metering_viewer_usage_daily" in sql
     assert _answer(got) == _expected(_visible(autumn, autumn.project_admin), (), kolkata)
+
+
+def test_whole_organization_charts_of_local_days_read_its_own_rows(autumn, subtests, monkeypatch):
+    # An org admin's (and a platform admin's, one organization selected) daily chart in
+    # the organization's zone: the rows counting every event by local day, no pieces
+    # moved; the same sums as raw events and the same p95 as the shared roll-ups.
+    # Metrics (no chart) keep the org roll-ups' UTC days.
+    berlin = Bucketing(DAY, BERLIN)
+    events = _visible(autumn, autumn.org_admin)
+    for persona in ("org_admin", "platform_admin"):
+        sel = _selection(autumn, autumn.users[persona])
+        with subtests.test(persona):
+            got, sql = _read(grouped_totals, sel, ("model",), berlin)
+            series, series_sql = _read(latency_series, sel, berlin)
+            _metrics, metrics_sql = _read(grouped_totals, sel, ("operation",))
+            with monkeypatch.context() as shared:
+                shared.setattr(analytics_queries, "_viewer_read", lambda s, bucketing=None: None)
+                assert latency_series(sel, berlin) == series
+
+            assert _answer(got) == _expected(events, ("model",), berlin)
+            assert "metering_viewer_usage_daily" in sql
+            assert "metering_viewer_hist_daily" in series_sql
+            assert not _reads_viewer_rows(metrics_sql)

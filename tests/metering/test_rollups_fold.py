@@ -22,7 +22,7 @@ from metering.models import (
     UsageEvent,
     ViewerUsageDaily,
 )
-from metering.viewers import build_organization, reconcile_range
+from metering.viewers import WHOLE_ORGANIZATION, build_organization, reconcile_range
 from tests.conftest import bearer
 from tests.factories import event_payload, ingest
 from tests.services import REDIS_URL, celery_worker, redis_up, wait_for
@@ -199,8 +199,10 @@ def test_a_fold_counts_the_events_for_every_viewer_who_sees_them(personas, defer
     assert not viewer_rows.exists()  # listed, not counted yet
 
     assert rollups_fold([personas.org.id]) == 40
-    # The member (sender of some, owner of the token) and the team lead (platform).
+    # The member (sender of some, owner of the token), the team lead (platform) and the
+    # whole organization.
     assert set(viewer_rows.values_list("viewer_id", flat=True)) == {
+        WHOLE_ORGANIZATION,
         personas.member.id,
         personas.team_lead.id,
     }
