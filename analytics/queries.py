@@ -1114,9 +1114,17 @@ def _histogram_plan(
         rows = read.rows(ViewerHistogramDaily)
         if sel.operations:
             rows = rows.filter(operation__in=sel.operations)
-        start, end = _epoch(sel.start), _epoch(sel.end)
-        edges = tuple((a, b) for a, b in ((start, read.a), (read.b, end)) if a < b)
-        return _HistogramPlan(((rows, read.a, read.b, DAY, 1),), edges, "viewer")
+        reads, raw = [(rows, read.a, read.b, DAY, 1)], []
+        for a, b, ha, hb in read.edges(sel):
+            if read.viewer_id == WHOLE_ORGANIZATION and ha < hb:
+                # The whole organization's partial days: its hourly histogram, as ever.
+                hours = _histogram_rows(sel, "org", HOUR).filter(bucket__gte=ha, bucket__lt=hb)
+                reads.append((hours, ha, hb, HOUR, 1))
+                raw += [(a, ha), (hb, b)]
+            else:
+                raw.append((a, b))
+        edges = tuple((a, b) for a, b in raw if a < b)
+        return _HistogramPlan(tuple(reads), edges, "viewer")
     family = _hist_family(sel)
     if family is None:
         return None
@@ -1548,11 +1556,17 @@ def _hist_series(
     if split is None:
         plan = aligned
         if plan.family == "viewer":
-            # The viewer's rows are local days of the chart's zone, each one chart
-            # bucket that no other read adds to: the database ranks them itself.
-            for rows, _a, _b, _grain, _sign in plan.reads:
-                for key, group, value in _bucket_quantiles(rows, group_of, q):
-                    out[group][key] = value
+            # The viewer's daily rows are local days of the chart's zone, each one chart
+            # bucket that no other read adds to: the database ranks them itself. The
+            # hours of a partial day (the whole organization's) go to the day they lie
+            # in, with the raw seconds around them.
+            for rows, a, _b, grain, sign in plan.reads:
+                if grain == DAY:
+                    for key, group, value in _bucket_quantiles(rows, group_of, q):
+                        out[group][key] = value
+                else:
+                    key = Value(bucketing.key_of(a), output_field=BigIntegerField())
+                    read(rows, key, handler(lambda k: ((k, 1),)), sign)
         else:
             local = handler(lambda k: ((bucketing.key_from_sql(k), 1),))
             for rows, a, b, _grain, sign in plan.reads:
