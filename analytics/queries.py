@@ -1792,5 +1792,10 @@ def models_seen(sel: Selection, days: int = 90) -> set[str]:
     since = end - days * DAY
     since -= since % DAY
     source = replace(sel, models=(), status="all")
-    qs = rollup_source(source, ("model",), DAY).filter(bucket__gte=since, bucket__lt=end)
+    read = _viewer_read(replace(source, start=datetime.fromtimestamp(since, UTC)))
+    if read is not None and read.viewer_id != WHOLE_ORGANIZATION:
+        # A partial scope: its own daily rows, not the union of its parts' wide rows.
+        qs = read.rows(ViewerUsageDaily).filter(_dimension_filters(source))
+    else:
+        qs = rollup_source(source, ("model",), DAY).filter(bucket__gte=since, bucket__lt=end)
     return set(qs.values_list("model", flat=True).distinct().order_by())

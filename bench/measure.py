@@ -797,6 +797,13 @@ def measure_all(report, url, log=print):
             if found:
                 sizes[table] = {"rows": int(found[0]), "mb": round(found[1] / 2**20, 1)}
         report["tables"] = sizes
+        # The server's memory and planner settings: the numbers depend on them.
+        cursor.execute(
+            "SELECT name, current_setting(name) FROM pg_settings WHERE name IN "
+            "('server_version', 'shared_buffers', 'work_mem', 'effective_cache_size', "
+            "'random_page_cost', 'max_parallel_workers_per_gather') ORDER BY name"
+        )
+        report["server_settings"] = dict(cursor.fetchall())
     steps = [
         (
             "dashboard widgets (and the naive baseline)",

@@ -146,7 +146,14 @@ def markdown(report: dict) -> str:
         f"# Benchmark: {report.get('rows_in_db', report['events']):,} events over "
         f"{report.get('days_spanned', report['days'])} days",
         "",
-        f"Run {report['started']}, database {report['database']}.",
+        f"Run {report['started']}, database {report['database']}."
+        + (
+            " PostgreSQL settings: "
+            + ", ".join(f"{k} {v}" for k, v in report["server_settings"].items())
+            + "."
+            if report.get("server_settings")
+            else ""
+        ),
         "",
     ]
     if "load" in report:
