@@ -25,7 +25,7 @@ from functools import lru_cache
 from itertools import combinations, pairwise
 from zoneinfo import ZoneInfo
 
-from django.core.exceptions import EmptyResultSet
+from django.core.exceptions import EmptyResultSet, FullResultSet
 from django.db import connection
 from django.db.models import (
     Aggregate,
@@ -426,6 +426,42 @@ def _rollup_aggregates(model, measures: tuple[str, ...] | None = None) -> dict:
     return aggs
 
 
+def _aggregate_sql(model, measures: tuple[str, ...] | None = None) -> dict[str, str]:
+    """`_rollup_aggregates` of `model` as SQL text, for reads written without the ORM's
+    expressions (`_TierReads`): the same names, sums and failed-requests rule."""
+    quote = connection.ops.quote_name
+    table = quote(model._meta.db_table)
+    wanted = measures or tuple(Totals.__dataclass_fields__)
+    out = {f"t_{m}": f"SUM({table}.{quote(m)})" for m in MEASURES if m in wanted}
+    if "failed_requests" not in wanted:
+        return out
+    if any(f.name == "failed_requests" for f in model._meta.concrete_fields):
+        out["t_failed_requests"] = f"SUM({table}.{quote('failed_requests')})"
+    else:
+        out["t_failed_requests"] = (
+            f"SUM(CASE WHEN {table}.{quote('status_code')} >= 400 "
+            f"THEN {table}.{quote('requests')} ELSE 0 END)"
+        )
+    return out
+
+
+def _where_sql(qs: QuerySet):
+    """(query, compiler, " WHERE ..." or "", params) of a filtered one-table queryset, by
+    the ORM's own compiler (the gate's predicates included), or None when it matches no
+    row."""
+    query = qs.query
+    compiler = query.get_compiler(connection=connection)
+    try:
+        sql, params = compiler.compile(query.where)
+    except EmptyResultSet:
+        return None
+    except FullResultSet:
+        sql, params = "", []
+    if sum(1 for n in query.alias_refcount.values() if n) > 1:  # pragma: no cover
+        raise ValueError("a roll-up read with a join")  # roll-up reads never join
+    return query, compiler, f" WHERE {sql}" if sql else "", list(params)
+
+
 def _raw_aggregates(measures: tuple[str, ...] | None = None) -> dict:
     aggs = {
         "t_requests": Count("id"),
@@ -592,21 +628,44 @@ class _TierReads:
         self.handlers: list = []
 
     def add(self, qs: QuerySet, key, on_row) -> None:
-        qs = qs.annotate(
-            _part=Value(len(self.branches), output_field=BigIntegerField()),
-            _k=key if key is not None else Value(0, output_field=BigIntegerField()),
-        )
-        aggregates = _rollup_aggregates(qs.model, self.measures)
-        self.names = list(aggregates)
-        self.branches.append(
-            qs.values(*self.fields, "_part", "_k").annotate(**aggregates).order_by()
-        )
+        """One read: `qs` (a roll-up table, filtered) grouped by the dimensions and `key`
+        (an expression of its columns, or None), summed by `_rollup_aggregates`. The
+        filters are compiled by the ORM; the select list, written here, is the same for
+        every read and costs the ORM more than the read costs the database."""
+        part = len(self.handlers)
         self.handlers.append(on_row)
+        aggregates = _aggregate_sql(qs.model, self.measures)
+        self.names = list(aggregates)
+        found = _where_sql(qs)
+        if found is None:
+            return  # a filter that matches nothing
+        query, compiler, where, params = found
+        table = connection.ops.quote_name(qs.model._meta.db_table)
+        key_sql, key_params = "0", []
+        if key is not None:
+            key_sql, key_params = compiler.compile(
+                key.resolve_expression(query, allow_joins=False)
+            )
+        columns = [f"{table}.{connection.ops.quote_name(f)}" for f in self.fields]
+        select = ", ".join(
+            [*columns, f"{part} AS _part", f"{key_sql} AS _k"]
+            + [f"{sql} AS {connection.ops.quote_name(name)}" for name, sql in aggregates.items()]
+        )
+        group = ", ".join(str(i) for i in [*range(1, len(columns) + 1), len(columns) + 2])
+        self.branches.append(
+            (
+                f"SELECT {select} FROM {table}{where} GROUP BY {group}",
+                [*key_params, *params],
+            )
+        )
 
     def run(self) -> None:
         if not self.branches:
             return
-        union = _union_all(self.branches)
+        union = _Statement(
+            " UNION ALL ".join(sql for sql, _ in self.branches),
+            [p for _, params in self.branches for p in params],
+        )
         names = [*self.fields, "_part", "_k", *self.names]
         for values in _tuples(union):
             row = dict(zip(names, values, strict=True))
