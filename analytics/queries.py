@@ -643,9 +643,7 @@ class _TierReads:
         table = connection.ops.quote_name(qs.model._meta.db_table)
         key_sql, key_params = "0", []
         if key is not None:
-            key_sql, key_params = compiler.compile(
-                key.resolve_expression(query, allow_joins=False)
-            )
+            key_sql, key_params = compiler.compile(key.resolve_expression(query, allow_joins=False))
         columns = [f"{table}.{connection.ops.quote_name(f)}" for f in self.fields]
         select = ", ".join(
             [*columns, f"{part} AS _part", f"{key_sql} AS _k"]
