@@ -146,10 +146,18 @@ def count(org_days: list[tuple[int, int]], workers: int, log=print) -> dict:
     connections.close_all()
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
-    # Each worker a run of consecutive days: a viewer roll-up's local day straddles two
-    # UTC days, and two workers counting neighbouring days would wait for each other.
-    size = -(-len(org_days) // workers)
-    runs = [org_days[i * size : (i + 1) * size] for i in range(workers)]
+    # Each worker a run of consecutive days of every organization (the first half of
+    # each, the second half...): a viewer roll-up's local day straddles two UTC days, and
+    # two workers counting neighbouring days would wait for each other, while runs of
+    # whole organizations would leave one worker with the largest.
+    by_org: dict[int, list] = {}
+    for org_id, day in org_days:
+        by_org.setdefault(org_id, []).append((org_id, day))
+    runs: list[list] = [[] for _ in range(workers)]
+    for days in by_org.values():
+        size = -(-len(days) // workers)
+        for i in range(workers):
+            runs[i] += days[i * size : (i + 1) * size]
     procs = [
         ctx.Process(target=_count_worker, args=(i, run, queue)) for i, run in enumerate(runs) if run
     ]
