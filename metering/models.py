@@ -668,21 +668,27 @@ class ViewerLinkKind(models.TextChoices):
     TEAM = "team", "Team they lead"
     PROJECT = "project", "Project they administer"
     TOKEN = "token", "API token they own"
+    # Not a part: the viewer's rows are being recounted (no scope has it, so no reader
+    # takes them meanwhile; no event matches it).
+    REBUILDING = "rebuild", "Rows being recounted"
 
 
 class ViewerCalendar(models.Model):  # noqa: DJ008
     """An organization whose viewer roll-ups are kept, and the zone of their days.
 
-    Present once `metering.viewers.build_organization` counted every stored event of the
-    organization into them; from then on every fold, ingest, bulk load and day rebuild
-    keeps them. Their days are local calendar days in `timezone` (the organization's when
-    built), so a chart of local days in that zone reads whole rows and moves no pieces.
+    Present once `metering.viewers.build_organization` began counting the stored events of
+    the organization into them (day by day, each day in its own short transaction), and
+    `ready` when it finished; from the start every fold, ingest, bulk load and day
+    rebuild keeps them. Their days are local calendar days in `timezone` (the
+    organization's when built), so a chart of local days in that zone reads whole rows
+    and moves no pieces.
     """
 
     organization = models.OneToOneField(
         Organization, on_delete=models.CASCADE, primary_key=True, related_name="+"
     )
     timezone = models.CharField(max_length=64)
+    ready = models.BooleanField(default=False)
 
     class Meta:
         db_table = "metering_viewer_calendar"

@@ -104,6 +104,13 @@ def current_links(org_id: int, viewer_ids: Iterable[int] | None = None) -> set[t
     return links
 
 
+def _building(org_id: int, viewer_id: int, zones: list, stored: set) -> bool:
+    """Whether the organization's or the viewer's rows are being counted right now."""
+    if zones:
+        return any(kind == ViewerLinkKind.REBUILDING for kind, _part in stored)
+    return ViewerCalendar.objects.filter(organization_id=org_id, ready=False).exists()
+
+
 def stored_links(org_id: int, viewer_ids: Iterable[int] | None = None) -> set[tuple]:
     rows = ViewerLink.objects.filter(organization_id=org_id)
     if viewer_ids is not None:
@@ -122,7 +129,7 @@ def viewer_rows_ready(
     with connection.cursor() as cursor:
         cursor.execute(
             f"SELECT timezone, NULL, NULL FROM {ViewerCalendar._meta.db_table} "
-            "WHERE organization_id = %s UNION ALL "
+            "WHERE organization_id = %s AND ready UNION ALL "
             f"SELECT NULL, kind, part_id FROM {ViewerLink._meta.db_table} "
             "WHERE organization_id = %s AND viewer_id = %s",
             [org_id, org_id, viewer_id],
@@ -132,7 +139,9 @@ def viewer_rows_ready(
     stored = {(kind, part) for tz, kind, part in rows if tz is None}
     if zones and stored == set(links):
         return zones[0]
-    if request_rebuild(org_id, viewer_id if zones else None) and not _rechecked:
+    if _rechecked or _building(org_id, viewer_id, zones, stored):
+        return None  # being counted now: the shared roll-ups answer meanwhile
+    if request_rebuild(org_id, viewer_id if zones else None):
         # Rebuilt here and now (eager tasks: the embedded default, tests): look again.
         return viewer_rows_ready(org_id, viewer_id, links, _rechecked=True)
     return None
@@ -182,7 +191,9 @@ def viewer_maps(org_ids: Iterable[int]) -> dict[int, ViewerMap]:
             "organization_id", "kind", "part_id", "viewer_id"
         )
         for org_id, kind, part_id, viewer_id in links:
-            column = LINK_COLUMNS[kind]
+            column = LINK_COLUMNS.get(kind)
+            if column is None:
+                continue  # the REBUILDING mark, not a part
             maps[org_id].by_column.setdefault(column, defaultdict(set))[part_id].add(viewer_id)
     return maps
 
@@ -373,7 +384,7 @@ def refresh_organization(org_id: int) -> int:
     """Build `org_id`'s viewer roll-ups if it has none, else rebuild every viewer whose
     links differ from today's roles and tokens; returns how many viewers were rebuilt
     (-1 for a whole build)."""
-    if not ViewerCalendar.objects.filter(organization_id=org_id).exists():
+    if not ViewerCalendar.objects.filter(organization_id=org_id, ready=True).exists():
         build_organization(org_id)
         return -1
     changed = sorted({v for _k, _p, v in current_links(org_id) ^ stored_links(org_id)})
@@ -391,9 +402,14 @@ def _not_pending_q(org_id: int):
 
 def build_organization(org_id: int, *, count: bool = True) -> None:
     """(Re)count every stored event of `org_id` into the viewer roll-ups, with today's
-    links and the organization's zone for the days: from then on they are kept. With
-    `count=False` the rows are left empty for a caller that counts every stored event
-    itself right after (a bulk load's `bulk.count_days`)."""
+    links and the organization's zone for the days: from then on they are kept.
+
+    The calendar and links come first (unready), so every fold from then on counts its
+    events too; then each local day is recounted in its own short transaction under the
+    organization's fold lock (a large organization takes minutes, and folds, and the
+    readers that fold first, wait for one day at a time, not for all of it); then the
+    calendar is ready. With `count=False` it is ready at once, for a caller that counts
+    every stored event itself before anyone reads (a bulk load's `bulk.count_days`)."""
     org = Organization.objects.filter(pk=org_id).first()
     if org is None:
         return
@@ -401,53 +417,112 @@ def build_organization(org_id: int, *, count: bool = True) -> None:
         _lock(org_id)
         for model in (*VIEWER_TABLES, ViewerLink, ViewerCalendar):
             model.objects.filter(organization_id=org_id).delete()
-        ViewerCalendar.objects.create(organization=org, timezone=org.timezone)
+        ViewerCalendar.objects.create(organization=org, timezone=org.timezone, ready=not count)
         ViewerLink.objects.bulk_create(
             ViewerLink(organization_id=org_id, kind=k, part_id=p, viewer_id=v)
             for k, p, v in sorted(current_links(org_id))
         )
-        if not count:
-            return
-        if connection.vendor == "postgresql":
-            with connection.cursor() as cursor:
-                for sql in viewer_rollup_sql(_events_source(org_id)):
-                    cursor.execute(sql)
-        else:
-            events = UsageEvent.objects.filter(organization_id=org_id)
-            _count_python(org_id, events.filter(_not_pending_q(org_id)))
+    if not count:
+        return
+    for a, b in _local_days(org_id, ZoneInfo(org.timezone)):
+        with transaction.atomic():
+            _lock(org_id)
+            _recount(org_id, a, b)
+    ViewerCalendar.objects.filter(organization_id=org_id).update(ready=True)
 
 
 def rebuild_viewer(org_id: int, viewer_id: int) -> None:
     """Recount one viewer's rows in `org_id` with their links of today (after a change of
-    their roles or tokens). Builds the whole organization when it has no rows yet."""
+    their roles or tokens), a local day per transaction like `build_organization`: the
+    new links first, with a REBUILDING mark that keeps readers on the shared roll-ups
+    until the last day is done. Builds the whole organization when it has no rows yet."""
     with transaction.atomic():
         _lock(org_id)
-        if not ViewerCalendar.objects.filter(organization_id=org_id).exists():
-            build_organization(org_id)
-            return
+        calendar = ViewerCalendar.objects.filter(organization_id=org_id).first()
         links = current_links(org_id, [viewer_id])
-        if stored_links(org_id, [viewer_id]) == links:
+        if calendar is not None and stored_links(org_id, [viewer_id]) == links:
             # Links are only ever replaced together with the rows they counted: equal
             # links mean an earlier request rebuilt them already.
             return
-        for model in VIEWER_TABLES:
-            model.objects.filter(organization_id=org_id, viewer_id=viewer_id).delete()
-        ViewerLink.objects.filter(organization_id=org_id, viewer_id=viewer_id).delete()
-        ViewerLink.objects.bulk_create(
-            ViewerLink(organization_id=org_id, kind=k, part_id=p, viewer_id=v)
-            for k, p, v in sorted(links)
+        if calendar is not None:
+            ViewerLink.objects.filter(organization_id=org_id, viewer_id=viewer_id).delete()
+            marked = {*links, (ViewerLinkKind.REBUILDING.value, 0, viewer_id)}
+            ViewerLink.objects.bulk_create(
+                ViewerLink(organization_id=org_id, kind=k, part_id=p, viewer_id=v)
+                for k, p, v in sorted(marked)
+            )
+    if calendar is None:
+        build_organization(org_id)
+        return
+    where = [f"ev.user_id = {int(viewer_id)}"]
+    for kind, part_id, _viewer in links:
+        where.append(f"ev.{LINK_COLUMNS[kind]} = {int(part_id)}")
+    for a, b in _local_days(org_id, ZoneInfo(calendar.timezone)):
+        with transaction.atomic():
+            _lock(org_id)
+            _recount(org_id, a, b, viewer_id=viewer_id, where=" OR ".join(where))
+    ViewerLink.objects.filter(
+        organization_id=org_id, viewer_id=viewer_id, kind=ViewerLinkKind.REBUILDING
+    ).delete()
+
+
+def _local_days(org_id: int, tz: ZoneInfo) -> list[tuple[int, int]]:
+    """[(start, end)] of the local days covering every stored event of the organization
+    (two index lookups), and the whole hours holding them: the last day ends an hour or
+    more after the last event, so the hourly rows `_recount` counts hold it too."""
+    from django.db.models import Max, Min
+
+    found = UsageEvent.objects.filter(organization_id=org_id).aggregate(
+        first=Min("timestamp"), last=Max("timestamp")
+    )
+    if found["first"] is None:
+        return []
+    last = int(found["last"].timestamp()) + HOUR_SECONDS
+    start, end = local_day_start(found["first"], tz), local_days_around(last, last + 1, tz)[1]
+    out, a = [], start
+    while a < end:
+        b = local_days_around(a, a + 1, tz)[1]
+        out.append((a, b))
+        a = b
+    return out
+
+
+def _recount(org_id: int, a: int, b: int, *, viewer_id: int | None = None, where: str = "") -> None:
+    """Delete and count again the viewer rows of [a, b) (local midnights): the daily rows
+    of those days and the hourly rows of the whole hours from the hour holding `a` to
+    the one holding `b` (consecutive ranges tile time in both), for every viewer or only
+    `viewer_id` (`where`: SQL over `ev`, the events that viewer may see)."""
+    hours = (a - a % HOUR_SECONDS, b - b % HOUR_SECONDS)
+    for tables, (lo, hi) in ((VIEWER_DAILY, (a, b)), (VIEWER_HOURLY, hours)):
+        if lo >= hi:
+            continue
+        for model in tables:
+            rows = model.objects.filter(organization_id=org_id, bucket__gte=lo, bucket__lt=hi)
+            if viewer_id is not None:
+                rows = rows.filter(viewer_id=viewer_id)
+            rows.delete()
+        _count_range(org_id, tables, lo, hi, viewer_id=viewer_id, where=where)
+
+
+def _count_range(
+    org_id: int, tables: tuple, lo: int, hi: int, *, viewer_id=None, where: str = ""
+) -> None:
+    """Count the stored events of [lo, hi) (not pending) into `tables`."""
+    since, until = (datetime.fromtimestamp(t, UTC) for t in (lo, hi))
+    if connection.vendor == "postgresql":
+        in_range = (
+            f"ev.\"timestamp\" >= '{since.isoformat()}' "
+            f"AND ev.\"timestamp\" < '{until.isoformat()}'"
         )
-        where = [f"ev.user_id = {int(viewer_id)}"]
-        for kind, part_id, _viewer in links:
-            where.append(f"ev.{LINK_COLUMNS[kind]} = {int(part_id)}")
-        if connection.vendor == "postgresql":
-            source = _events_source(org_id, " OR ".join(where))
-            with connection.cursor() as cursor:
-                for sql in viewer_rollup_sql(source, viewer_id=viewer_id):
-                    cursor.execute(sql)
-        else:
-            events = UsageEvent.objects.filter(organization_id=org_id)
-            _count_python(org_id, events.filter(_not_pending_q(org_id)), viewer_id)
+        source = _events_source(org_id, f"({where}) AND {in_range}" if where else in_range)
+        with connection.cursor() as cursor:
+            for sql in viewer_rollup_sql(source, viewer_id=viewer_id, tables=tables):
+                cursor.execute(sql)
+        return
+    events = UsageEvent.objects.filter(
+        organization_id=org_id, timestamp__gte=since, timestamp__lt=until
+    )
+    _count_python(org_id, events.filter(_not_pending_q(org_id)), viewer_id, tables=tables)
 
 
 def rebuild_range(org_id: int, start: int, end: int) -> None:
@@ -462,20 +537,7 @@ def rebuild_range(org_id: int, start: int, end: int) -> None:
     for tables, (lo, hi) in ((VIEWER_DAILY, (a, b)), (VIEWER_HOURLY, (start, end))):
         for model in tables:
             model.objects.filter(organization_id=org_id, bucket__gte=lo, bucket__lt=hi).delete()
-        since, until = (datetime.fromtimestamp(t, UTC) for t in (lo, hi))
-        if connection.vendor == "postgresql":
-            where = (
-                f"ev.\"timestamp\" >= '{since.isoformat()}' "
-                f"AND ev.\"timestamp\" < '{until.isoformat()}'"
-            )
-            with connection.cursor() as cursor:
-                for sql in viewer_rollup_sql(_events_source(org_id, where), tables=tables):
-                    cursor.execute(sql)
-            continue
-        events = UsageEvent.objects.filter(
-            organization_id=org_id, timestamp__gte=since, timestamp__lt=until
-        )
-        _count_python(org_id, events.filter(_not_pending_q(org_id)), tables=tables)
+        _count_range(org_id, tables, lo, hi)
 
 
 def local_days_around(start: int, end: int, tz: ZoneInfo) -> tuple[int, int]:

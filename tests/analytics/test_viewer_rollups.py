@@ -309,3 +309,38 @@ def test_whole_organization_charts_of_local_days_read_its_own_rows(autumn, subte
             assert "metering_viewer_usage_daily" in sql
             assert "metering_viewer_hist_daily" in series_sql
             assert not _reads_viewer_rows(metrics_sql)
+
+
+def test_rows_being_counted_are_not_read(autumn):
+    # A build counts one local day per transaction and a viewer's rebuild marks their
+    # links as being rebuilt: until the last day is done, reads take the shared
+    # roll-ups (and the answer is the same).
+    from metering.models import ViewerLinkKind
+
+    viewers.build_organization(autumn.org.id)
+    sel = _selection(autumn, autumn.team_lead)
+    ready, ready_sql = _read(grouped_totals, sel, ("operation",))
+    mark = ViewerLink.objects.create(
+        organization=autumn.org,
+        kind=ViewerLinkKind.REBUILDING,
+        part_id=0,
+        viewer_id=autumn.team_lead.id,
+    )
+    marked, marked_sql = _read(grouped_totals, sel, ("operation",))
+    mark.delete()
+    ViewerCalendar.objects.filter(organization=autumn.org).update(ready=False)
+    building, building_sql = _read(grouped_totals, sel, ("operation",))
+
+    assert _reads_viewer_rows(ready_sql)
+    assert not _reads_viewer_rows(marked_sql) and not _reads_viewer_rows(building_sql)
+    assert _answer(ready) == _answer(marked) == _answer(building)
+    assert _answer(ready) == _expected(_visible(autumn, autumn.team_lead), ("operation",))
+    # A viewer's rebuild counts their rows day by day and leaves no mark behind.
+    ViewerCalendar.objects.filter(organization=autumn.org).update(ready=True)
+    ViewerLink.objects.filter(organization=autumn.org, viewer_id=autumn.team_lead.id).delete()
+    viewers.rebuild_viewer(autumn.org.id, autumn.team_lead.id)
+    assert not ViewerLink.objects.filter(kind=ViewerLinkKind.REBUILDING).exists()
+    again, again_sql = _read(grouped_totals, sel, ("operation",))
+    assert _reads_viewer_rows(again_sql) and _answer(again) == _answer(ready)
+    day = int(PERIODS["autumn"].timestamp())
+    assert all(reconcile_day(autumn.org.id, day + i * 86400) == [] for i in range(5))
