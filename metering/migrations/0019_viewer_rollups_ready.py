@@ -2,6 +2,10 @@
 
 from django.db import migrations, models
 
+# Calendars written before this field were written in the same transaction as every row of
+# their organization: those organizations' viewer roll-ups are complete.
+MARK_READY = "UPDATE metering_viewer_calendar SET ready = TRUE"
+
 
 class Migration(migrations.Migration):
     dependencies = [
@@ -14,6 +18,7 @@ class Migration(migrations.Migration):
             name="ready",
             field=models.BooleanField(default=False),
         ),
+        migrations.RunSQL(MARK_READY, migrations.RunSQL.noop),
         migrations.AlterField(
             model_name="viewerlink",
             name="kind",
