@@ -862,8 +862,9 @@ VIEWER_ACTOR_DIMS = {"user_id", "api_token_id", "assistant", "workflow"}
 @dataclass(frozen=True)
 class _ViewerRead:
     """The whole local days [a, b) of a selection that the reading viewer's own roll-up
-    rows answer: only made by `_viewer_read`, once their links equal the viewer's scope
-    in the organization (the gate's parts, counted once per event)."""
+    rows answer (none when a == b: a day or less, all of it edges), only made by
+    `_viewer_read`, once their links equal the viewer's scope in the organization (the
+    gate's parts, counted once per event)."""
 
     org_id: int
     viewer_id: int
@@ -936,8 +937,8 @@ def _viewer_read(sel: Selection, bucketing: Bucketing | None = None) -> _ViewerR
         following = sel.start.astimezone(tz).date() + timedelta(days=1)
         a = int(datetime(following.year, following.month, following.day, tzinfo=tz).timestamp())
     b = local_day_start(sel.end, tz)
-    if a >= b:
-        return None
+    if a > b:  # the range lies within one local day: one edge, no whole day
+        a = b = _epoch(sel.end)
     return _ViewerRead(sel.org_ids[0], viewer, a, b)
 
 
@@ -971,7 +972,8 @@ def _viewer_totals(
 
     # Each daily row is one local day of the chart's zone: its bucket is the chart's key;
     # each edge lies within one local day, the chart bucket its hours go to.
-    tiers.add(read.rows(model).filter(filters), F("bucket") if bucketing else None, at_key)
+    if read.a < read.b:
+        tiers.add(read.rows(model).filter(filters), F("bucket") if bucketing else None, at_key)
     raw_ranges = []
     for a, b, ha, hb in read.edges(sel):
         if ha < hb:
@@ -1046,7 +1048,7 @@ def _distinct_branches(sel: Selection, columns: tuple[str, ...]) -> list[QuerySe
     for the seconds no tier fits."""
     read = _viewer_read(sel)
     if read is not None and _viewer_table(sel, columns) is ViewerActorDaily:
-        branches = [read.rows(ViewerActorDaily)]
+        branches = [read.rows(ViewerActorDaily)] if read.a < read.b else []
         raw_ranges = []
         for a, b, ha, hb in read.edges(sel):
             if ha < hb:
@@ -1244,7 +1246,8 @@ def _histogram_plan(
         rows = read.rows(ViewerHistogramDaily)
         if sel.operations:
             rows = rows.filter(operation__in=sel.operations)
-        reads, raw = [(rows, read.a, read.b, DAY, 1)], []
+        reads = [(rows, read.a, read.b, DAY, 1)] if read.a < read.b else []
+        raw = []
         for a, b, ha, hb in read.edges(sel):
             if read.viewer_id == WHOLE_ORGANIZATION and ha < hb:
                 # The whole organization's partial days: its hourly histogram, as ever.
