@@ -55,7 +55,7 @@ from metering.models import NANOS_PER_USD, PoolCategory, ResourceType, UsageEven
 from .exports import csv_rows
 from .filters import FILTER_PARAMS, Period, UsageFilter
 from .queries import totals
-from .visibility import scope_parts, viewer_scope, visible_events
+from .visibility import viewer_scope, visible_event_parts, visible_events
 
 logger = logging.getLogger(__name__)
 
@@ -406,7 +406,7 @@ def _load(qs: QuerySet, keys: list[tuple]) -> list[UsageEvent]:
 def _keys(
     qs: QuerySet,
     ordering: Ordering,
-    parts: list[Q] | None,
+    parts: list[QuerySet] | None,
     *,
     seek: tuple | None = None,
     backwards: bool = False,
@@ -416,9 +416,9 @@ def _keys(
     """(sort value, id) of rows offset .. offset + limit of `qs` in `ordering` (reversed
     when `backwards`), after `seek` when given.
 
-    With `parts` (the scope split by `visibility.scope_parts`), each part is read on its
-    own, in index order and up to offset + limit rows, and the pieces are merged (UNION
-    drops a row two parts share). Each part narrows `qs`, which keeps the whole gate.
+    With `parts` (`log_parts`: `qs` read part by part of the gate), each part is read on
+    its own, in index order and up to offset + limit rows, and the pieces are merged
+    (UNION drops a row two parts share).
     """
 
     def keyed(rows: QuerySet) -> QuerySet:
@@ -429,7 +429,7 @@ def _keys(
 
     if not parts or len(parts) == 1:
         return list(keyed(qs)[offset : offset + limit])
-    first, *rest = (keyed(qs.filter(part))[: offset + limit] for part in parts)
+    first, *rest = (keyed(part)[: offset + limit] for part in parts)
     descending = ordering.descending != backwards
     order = ("-_sort", "-id") if descending else ("_sort", "id")
     merged = first.union(*rest).order_by(*order)
@@ -444,7 +444,7 @@ def fetch_page(
     before: str | None = None,
     page: int = 1,
     size: int = PAGE_SIZE,
-    parts: list[Q] | None = None,
+    parts: list[QuerySet] | None = None,
 ) -> LogPage:
     """One page of `qs` in `ordering`: after a cursor, before one, or page number `page`.
 
@@ -471,8 +471,9 @@ def fetch_page(
     return _finish(qs, ordering, keys[:size], 1, len(keys) > size, False)
 
 
-def log_parts(flt: "EventLogFilter") -> list[Q] | None:
-    """The viewer's scope in parts for `fetch_page`, or None where one query is best.
+def log_parts(flt: "EventLogFilter") -> list[QuerySet] | None:
+    """The viewer's scope in parts for `fetch_page`, or None where one query is best: the
+    log's filters and period over each part of the gate (`visible_event_parts`).
 
     An org admin's log is one indexed predicate (the organization). A member's or team
     lead's is an OR (own events, own tokens, the team): read as one query, PostgreSQL
@@ -485,8 +486,14 @@ def log_parts(flt: "EventLogFilter") -> list[Q] | None:
     org = flt.selected_org()
     if scope.everything or (org is not None and scope.covers_whole_orgs((org.id,))):
         return None
-    parts = scope_parts(scope)
-    return parts if len(parts) > 1 else None
+    parts = visible_event_parts(flt.viewer, (org.id,) if org is not None else ())
+    if len(parts) < 2:
+        return None
+    period = flt.period
+    return [
+        flt.filter_queryset(part).filter(timestamp__gte=period.start, timestamp__lt=period.end)
+        for part in parts
+    ]
 
 
 # ---------------------------------------------------------------------------------------
@@ -590,7 +597,7 @@ def log_page(
 
 
 def _keys_and_count(
-    qs: QuerySet, ordering: Ordering, parts: list[Q], *, offset: int, limit: int, cap: int
+    qs: QuerySet, ordering: Ordering, parts: list[QuerySet], *, offset: int, limit: int, cap: int
 ) -> tuple[list[tuple], int]:
     """`_keys(offset=offset, limit=limit)` and `bounded_count(cap)` of `qs` in `parts`,
     from one read of each part's first max(offset + limit, cap + 1) rows in `ordering`
@@ -599,9 +606,7 @@ def _keys_and_count(
     The count is exact up to `cap` whatever order the parts are read in: a part with
     more than `cap` rows brings `cap` + 1 of them, and otherwise every row is read."""
     n = max(offset + limit, cap + 1)
-    first, *rest = (
-        ordering.apply(qs.filter(part)).values_list("_sort", "id")[:n] for part in parts
-    )
+    first, *rest = (ordering.apply(part).values_list("_sort", "id")[:n] for part in parts)
     sql, params = first.union(*rest, all=True).query.sql_with_params()
     direction = "DESC" if ordering.descending else "ASC"
     statement = (
@@ -619,7 +624,7 @@ def _keys_and_count(
     return [(sort, pk) for _place, sort, pk in page], seen
 
 
-def bounded_count(qs: QuerySet, cap: int, parts: list[Q] | None = None) -> int:
+def bounded_count(qs: QuerySet, cap: int, parts: list[QuerySet] | None = None) -> int:
     """How many rows, reading at most cap + 1 of them (of each part, with `parts`: see
     `_keys`; each part is read in its own index and UNION drops an event two parts
     share, so the count is exact up to `cap` and more than `cap` beyond)."""
@@ -628,8 +633,7 @@ def bounded_count(qs: QuerySet, cap: int, parts: list[Q] | None = None) -> int:
     # In the log's default order, so each part walks its (org, part, time, id) index,
     # which holds the amount: the filters are checked without visiting the rows.
     first, *rest = (
-        qs.filter(part).order_by("-timestamp", "-id").values_list("id", flat=True)[: cap + 1]
-        for part in parts
+        part.order_by("-timestamp", "-id").values_list("id", flat=True)[: cap + 1] for part in parts
     )
     return first.union(*rest).count()
 
