@@ -11,6 +11,7 @@ from analytics.visibility import (
     scope_disjoint_parts,
     scope_q,
     viewer_scope,
+    visible_event_parts,
     visible_events,
     visible_events_in,
     visible_organizations,
@@ -120,6 +121,22 @@ def test_events_within_an_organization_are_the_gate_s_events_there(world, person
     seen = set(visible_events_in(_fresh(user), [organization.id]).values_list("id", flat=True))
 
     assert seen == expected
+
+
+@pytest.mark.parametrize("persona", ["team_lead", "project_admin", "member", "outsider"])
+@pytest.mark.parametrize("org", ["org", "other_org"])
+def test_the_parts_of_a_scope_together_are_its_events_and_nothing_else(world, persona, org):
+    user = world.users[persona]
+    organization = getattr(world, org)
+    expected = set(
+        visible_events(user).filter(organization=organization).values_list("id", flat=True)
+    )
+
+    parts = visible_event_parts(_fresh(user), [organization.id])
+    seen = [set(part.values_list("id", flat=True)) for part in parts]
+
+    assert set().union(*seen) == expected
+    assert all(part <= expected for part in seen)  # no part reaches past the gate
 
 
 def test_platform_admin_sees_everything(world):
