@@ -60,8 +60,10 @@ from metering.models import (
     LatencyHistogramPartDaily,
     LatencyHistogramScopeDaily,
     Operation,
-    OrgActorDaily,
-    OrgActorHourly,
+    OrgLabelDaily,
+    OrgLabelHourly,
+    OrgPeopleDaily,
+    OrgPeopleHourly,
     OrgUsage15m,
     OrgUsageDaily,
     OrgUsageHourly,
@@ -94,8 +96,11 @@ SCOPE_DIMS = NARROW_DIMS | {
     "assistant",
     "workflow",
 }
-# What the actor roll-up groups by (it has no model, operation or status column).
-ACTOR_DIMS = {"organization_id", "user_id", "api_token_id", "assistant", "workflow"}
+# Who used it: what the people and label roll-ups group by (no model, operation or
+# status column), and, for distinct counts, the two together.
+PEOPLE_DIMS = {"organization_id", "user_id", "api_token_id"}
+LABEL_DIMS = {"organization_id", "assistant", "workflow"}
+ACTOR_DIMS = PEOPLE_DIMS | LABEL_DIMS
 # What the scope actor roll-up groups by (every column of the gate; no model or status).
 SCOPE_ACTOR_DIMS = ACTOR_DIMS | {"team_id", "project_id", "operation"}
 RAW_ONLY_DIMS = {"end_user", "session_id"}
@@ -567,14 +572,16 @@ def _to_totals(row: dict) -> Totals:
 # Each roll-up family from the coarsest grain to the finest: a range reads its whole UTC
 # days, then whole hours, then quarters, then raw seconds at the two edges.
 NARROW_TIERS = ((DAY, OrgUsageDaily), (HOUR, OrgUsageHourly), (BUCKET_SECONDS, OrgUsage15m))
-ACTOR_TIERS = ((DAY, OrgActorDaily), (HOUR, OrgActorHourly))
+PEOPLE_TIERS = ((DAY, OrgPeopleDaily), (HOUR, OrgPeopleHourly))
+LABEL_TIERS = ((DAY, OrgLabelDaily), (HOUR, OrgLabelHourly))
 WIDE_TIERS = ((DAY, ScopeUsageDaily), (BUCKET_SECONDS, ScopeUsage15m))
 # Partial scopes without a model or status: whole days from the scope actor roll-up, the
 # partial days at the edges from the wide 15-minute one (both behind the gate).
 SCOPE_ACTOR_TIERS = ((DAY, ScopeActorDaily), (BUCKET_SECONDS, ScopeUsage15m))
 FAMILIES = {
     "org": NARROW_TIERS,
-    "actor": ACTOR_TIERS,
+    "people": PEOPLE_TIERS,
+    "labels": LABEL_TIERS,
     "scope": WIDE_TIERS,
     "scope_actor": SCOPE_ACTOR_TIERS,
 }
@@ -593,15 +600,18 @@ def _narrow_ok(sel: Selection, dims: tuple[str, ...]) -> bool:
 
 def _family(sel: Selection, dims: tuple[str, ...]) -> str:
     """The smallest roll-up family that answers `dims` of `sel` exactly: "org" (model,
-    operation, status), "actor" (who: user, token, assistant, workflow; only without a
-    model, operation or status filter), "scope_actor" (who and which operation inside a
-    partial scope or under scope filters, without a model or status filter; behind the
-    gate) or "scope" (every dimension, behind the gate)."""
+    operation, status), "people" (who: user, token) or "labels" (assistant, workflow),
+    for whole organizations without a model, operation or status filter ("actor": both,
+    for distinct counts, which read each column from its own family), "scope_actor" (who
+    and which operation inside a partial scope or under scope filters, without a model
+    or status filter; behind the gate) or "scope" (every dimension, behind the gate)."""
     if _narrow_ok(sel, dims):
         return "org"
     plain = not (sel.models or sel.operations or sel.status != "all")
     if plain and set(dims) <= ACTOR_DIMS and _whole_orgs(sel):
-        return "actor"
+        if set(dims) <= PEOPLE_DIMS:
+            return "people"
+        return "labels" if set(dims) <= LABEL_DIMS else "actor"
     if not (sel.models or sel.status != "all") and set(dims) <= SCOPE_ACTOR_DIMS:
         return "scope_actor"
     return "scope"
@@ -788,8 +798,10 @@ def _grouped_totals(
         or (bucketing is not None and bucketing.width < BUCKET_SECONDS)
     )
     family = _family(sel, dims)
-    if family == "actor" and bucketing is not None:
+    if family in ("people", "labels", "actor") and bucketing is not None:
         family = "scope"  # charts may need quarters, which only the wide family has
+    elif family == "actor":
+        family = "scope_actor"  # who and which label at once: only the distinct counts
     grains = tuple(dict(FAMILIES[family]))
     if raw_only:
         reads, raw_ranges = [], [(start, end)]
@@ -1018,12 +1030,16 @@ def distinct_counts(sel: Selection, columns: tuple[str, ...]) -> dict[str, int]:
 
     def shaped(qs) -> list:
         table = quote(qs.model._meta.db_table)
-        return [
-            (name, _Sql(f"COALESCE({table}.{quote(column)}, 0)"))
-            if column.endswith("_id")
-            else (name, column)
-            for name, column in names.items()
-        ]
+        present = {f.attname for f in qs.model._meta.concrete_fields}
+        out = []
+        for name, column in names.items():
+            if column not in present:  # a people or a label roll-up: the other's column
+                out.append((name, _Sql("0" if column.endswith("_id") else "''")))
+            elif column.endswith("_id"):
+                out.append((name, _Sql(f"COALESCE({table}.{quote(column)}, 0)")))
+            else:
+                out.append((name, column))
+        return out
 
     union = _union([_select(qs, shaped(qs), distinct=True) for qs in branches])
     if not union.sql:
@@ -1061,17 +1077,21 @@ def _distinct_branches(sel: Selection, columns: tuple[str, ...]) -> list[QuerySe
     start, end = _epoch(sel.start), _epoch(sel.end)
     raw_only = sel.needs_raw or sel.end - sel.start <= RAW_RANGE_LIMIT
     family = _family(sel, columns)
+    # People and labels of whole organizations: each column from its own family (same
+    # grains), the columns a family lacks left empty (`distinct_counts`).
+    families = ("people", "labels") if family == "actor" else (family,)
     reads, raw_ranges = (
         ([], [(start, end)])
         if raw_only
-        else _plan_tiers(tuple(dict(FAMILIES[family])), start, end, None)
+        else _plan_tiers(tuple(dict(FAMILIES[families[0]])), start, end, None)
     )
     return [
         UsageEvent.objects.filter(_event_filters(sel)).filter(in_range)
         for in_range in _range_qs(raw_ranges)
     ] + [
-        _rollup_rows(sel, family, grain).filter(bucket__gte=a, bucket__lt=b)
+        _rollup_rows(sel, name, grain).filter(bucket__gte=a, bucket__lt=b)
         for grain, a, b in reads
+        for name in families
     ]
 
 

@@ -20,8 +20,9 @@ docs/architecture.md):
 - ScopeActorDaily: org x UTC day x team x project x user x token x operation x
   assistant x workflow (partial scopes and scope filters without a model or status:
   metrics, series, top users, ranked tokens, distinct users / assistants / workflows),
-- OrgActorHourly / OrgActorDaily: org x hour or day x user x token x assistant x
-  workflow (org-wide active users, assistants, workflows, top users, ranked tokens).
+- OrgPeopleHourly / OrgPeopleDaily: org x hour or day x user x token (org-wide active
+  users, top users, ranked tokens), and OrgLabelHourly / OrgLabelDaily: org x hour or
+  day x assistant x workflow (org-wide active assistants and workflows).
 
 Increments are upserts `ON CONFLICT ... DO UPDATE SET x = x + EXCLUDED.x`, sent in
 key order so that concurrent writers lock rows in the same order. On PostgreSQL live
@@ -49,8 +50,10 @@ from .models import (
     LatencyHistogramModelDaily,
     LatencyHistogramPartDaily,
     LatencyHistogramScopeDaily,
-    OrgActorDaily,
-    OrgActorHourly,
+    OrgLabelDaily,
+    OrgLabelHourly,
+    OrgPeopleDaily,
+    OrgPeopleHourly,
     OrgUsage15m,
     OrgUsageDaily,
     OrgUsageHourly,
@@ -98,8 +101,10 @@ SCOPE_KEYS = (
     "assistant",
     "workflow",
 )
-ACTOR_KEYS = ("organization_id", "bucket", "user_id", "api_token_id", "assistant", "workflow")
-# The actor roll-up has no status column, so it counts failed requests itself.
+PEOPLE_KEYS = ("organization_id", "bucket", "user_id", "api_token_id")
+LABEL_KEYS = ("organization_id", "bucket", "assistant", "workflow")
+# The roll-ups of who (people, scope actors, viewer actors) have no status column, so
+# they count failed requests themselves.
 ACTOR_MEASURES = (*MEASURES, "failed_requests")
 HIST_KEYS = ("organization_id", "bucket", "operation", "latency_bucket")
 SCOPE_KEY_KEYS = ("organization_id", "bucket", "team_id", "project_id", "user_id", "api_token_id")
@@ -220,8 +225,10 @@ ROLLUPS = (
     Rollup(LatencyHistogramPartDaily, PART_HIST_KEYS, ("count",), "part latency histogram"),
     Rollup(ScopeKeyDaily, SCOPE_KEY_KEYS, ("requests",), "scope keys (day)"),
     Rollup(ScopeActorDaily, SCOPE_ACTOR_KEYS, ACTOR_MEASURES, "scope actor roll-up (day)"),
-    Rollup(OrgActorHourly, ACTOR_KEYS, ACTOR_MEASURES, "actor roll-up (hour)"),
-    Rollup(OrgActorDaily, ACTOR_KEYS, ACTOR_MEASURES, "actor roll-up (day)"),
+    Rollup(OrgPeopleHourly, PEOPLE_KEYS, ACTOR_MEASURES, "people roll-up (hour)"),
+    Rollup(OrgPeopleDaily, PEOPLE_KEYS, ACTOR_MEASURES, "people roll-up (day)"),
+    Rollup(OrgLabelHourly, LABEL_KEYS, ("requests",), "label roll-up (hour)"),
+    Rollup(OrgLabelDaily, LABEL_KEYS, ("requests",), "label roll-up (day)"),
 )
 
 
@@ -248,7 +255,8 @@ def compute_rollups(
     scope_rows: dict[tuple, list[int]] = defaultdict(lambda: [0] * len(MEASURES))
     hist_rows: dict[tuple, list[int]] = defaultdict(lambda: [0])
     scope_hist_rows: dict[tuple, list[int]] = defaultdict(lambda: [0])
-    actor_rows: dict[tuple, list[int]] = defaultdict(lambda: [0] * len(ACTOR_MEASURES))
+    people_rows: dict[tuple, list[int]] = defaultdict(lambda: [0] * len(ACTOR_MEASURES))
+    label_rows: dict[tuple, list[int]] = defaultdict(lambda: [0])
     model_hist_rows: dict[tuple, list[int]] = defaultdict(lambda: [0])
     part_hist_rows: dict[tuple, list[int]] = defaultdict(lambda: [0])
     scope_key_rows: dict[tuple, list[int]] = defaultdict(lambda: [0])
@@ -300,17 +308,10 @@ def compute_rollups(
         ]
         _add(scope_actor, values)
         scope_actor[-1] += failed
-        actor_key = (
-            f.organization_id,
-            hour,
-            f.user_id or 0,
-            f.api_token_id or 0,
-            f.assistant,
-            f.workflow,
-        )
-        actor = actor_rows[actor_key]
-        _add(actor, values)
-        actor[-1] += failed
+        people = people_rows[(f.organization_id, hour, f.user_id or 0, f.api_token_id or 0)]
+        _add(people, values)
+        people[-1] += failed
+        label_rows[(f.organization_id, hour, f.assistant, f.workflow)][0] += 1
     out = {
         OrgUsage15m: org_rows,
         OrgUsageHourly: _fold(org_rows, HOUR_SECONDS),
@@ -327,8 +328,10 @@ def compute_rollups(
             for (org, day, team, project, token, user), n in scope_key_rows.items()
         },
         ScopeActorDaily: scope_actor_rows,
-        OrgActorHourly: actor_rows,
-        OrgActorDaily: _fold(actor_rows, DAY_SECONDS),
+        OrgPeopleHourly: people_rows,
+        OrgPeopleDaily: _fold(people_rows, DAY_SECONDS),
+        OrgLabelHourly: label_rows,
+        OrgLabelDaily: _fold(label_rows, DAY_SECONDS),
     }
     if viewers:
         out |= _viewer_rollups(facts, viewers, _measures)
@@ -502,10 +505,20 @@ def rollup_sql(source: str, *, spend: bool = True, viewers: bool = True) -> list
             actor_values,
         )
         for model, keys, time_expr in (
-            (OrgActorHourly, ACTOR_KEYS, hour),
-            (OrgActorDaily, ACTOR_KEYS, day),
+            (OrgPeopleHourly, PEOPLE_KEYS, hour),
+            (OrgPeopleDaily, PEOPLE_KEYS, day),
             (ScopeActorDaily, SCOPE_ACTOR_KEYS, day),
         )
+    ]
+    labels = [
+        upsert(
+            _q(model._meta.db_table),
+            list(LABEL_KEYS),
+            key_exprs(LABEL_KEYS, time_expr),
+            ("requests",),
+            "count(*)",
+        )
+        for model, time_expr in ((OrgLabelHourly, hour), (OrgLabelDaily, day))
     ]
     hists = [
         upsert(
@@ -580,7 +593,7 @@ def rollup_sql(source: str, *, spend: bool = True, viewers: bool = True) -> list
         ("requests",),
         "count(*)",
     )
-    counts = [*usage, *actors, *hists, scope_hist, model_hist, part_hist, scope_keys]
+    counts = [*usage, *actors, *labels, *hists, scope_hist, model_hist, part_hist, scope_keys]
     if viewers:
         counts += viewer_rollup_sql(source)
     return [*counts, spend_sql(source)] if spend else counts

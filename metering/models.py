@@ -383,45 +383,71 @@ class ScopeUsageDaily(ScopeUsageRollup):  # noqa: DJ008
         ]
 
 
-class OrgActorRollup(RollupMeasures):
-    """Actor roll-up keys: organization x time bucket x user x API token x assistant x
-    workflow, with failed requests counted (there is no status column to tell them).
+class OrgPeopleRollup(RollupMeasures):
+    """Who used it, for whole organizations: organization x time bucket x user x API
+    token, with failed requests counted (there is no status column to tell them).
 
     Serves, for viewers who see whole organizations and when no model, operation, status
-    or scope filter is chosen, what the narrow roll-up cannot (who used it) without the
-    wide one's every-dimension rows: active users, assistants and workflows (distinct
-    counts), the top users and the ranked API tokens. People work with few tokens,
-    assistants and workflows, so a day holds about as many rows as active people.
-    Missing ids are 0 and missing labels ''.
+    or scope filter is chosen, what the narrow roll-up cannot without the wide one's
+    every-dimension rows: active users (distinct count), the top users and the ranked
+    API tokens. People work with few tokens, so a day holds about as many rows as active
+    people (the labels are counted apart, in OrgLabelRollup: together they were five times
+    the rows). Missing ids are 0.
     """
 
-    pk = models.CompositePrimaryKey(
-        "organization", "bucket", "user_id", "api_token_id", "assistant", "workflow"
-    )
-    organization = models.ForeignKey(Organization, on_delete=models.CASCADE)
+    pk = models.CompositePrimaryKey("organization", "bucket", "user_id", "api_token_id")
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, db_index=False)
     bucket = models.BigIntegerField()
     user_id = models.BigIntegerField()
     api_token_id = models.BigIntegerField()
-    assistant = models.CharField(max_length=200)
-    workflow = models.CharField(max_length=200)
     failed_requests = models.BigIntegerField(default=0)
 
     class Meta:
         abstract = True
 
 
-class OrgActorHourly(OrgActorRollup):  # noqa: DJ008
-    """The actor roll-up by UTC hour: the partial days at the edges of a range."""
+class OrgPeopleHourly(OrgPeopleRollup):  # noqa: DJ008
+    """The people roll-up by UTC hour: the partial days at the edges of a range."""
 
     class Meta:
-        db_table = "metering_org_actor_hourly"
+        db_table = "metering_org_people_hourly"
 
 
-class OrgActorDaily(OrgActorRollup):  # noqa: DJ008
-    """The actor roll-up by UTC day: the whole days inside a range."""
+class OrgPeopleDaily(OrgPeopleRollup):  # noqa: DJ008
+    """The people roll-up by UTC day: the whole days inside a range."""
 
     class Meta:
-        db_table = "metering_org_actor_daily"
+        db_table = "metering_org_people_daily"
+
+
+class OrgLabelRollup(models.Model):
+    """Which assistants and workflows were used, for whole organizations: organization x
+    time bucket x assistant x workflow, with the requests. Serves the active assistants
+    and workflows (distinct counts) in a few rows a day. Missing labels are ''."""
+
+    pk = models.CompositePrimaryKey("organization", "bucket", "assistant", "workflow")
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, db_index=False)
+    bucket = models.BigIntegerField()
+    assistant = models.CharField(max_length=200)
+    workflow = models.CharField(max_length=200)
+    requests = models.BigIntegerField(default=0)
+
+    class Meta:
+        abstract = True
+
+
+class OrgLabelHourly(OrgLabelRollup):  # noqa: DJ008
+    """The label roll-up by UTC hour: the partial days at the edges of a range."""
+
+    class Meta:
+        db_table = "metering_org_label_hourly"
+
+
+class OrgLabelDaily(OrgLabelRollup):  # noqa: DJ008
+    """The label roll-up by UTC day: the whole days inside a range."""
+
+    class Meta:
+        db_table = "metering_org_label_daily"
 
 
 class ScopeKeyDaily(models.Model):  # noqa: DJ008
@@ -764,7 +790,7 @@ class ViewerActorDaily(RollupMeasures):  # noqa: DJ008
     token, assistant and workflow, with failed requests counted (no status column).
 
     Serves a partial scope's active users, assistants and workflows (distinct counts),
-    top users and ranked tokens, as OrgActorDaily does for whole organizations. Missing
+    top users and ranked tokens, as OrgPeopleDaily and OrgLabelDaily do for whole organizations. Missing
     ids are 0 and missing labels ''.
     """
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 USAGE_READ = re.compile(
-    r"\b(UsageEvent|Scope(?:Usage|Key|Actor)\w+|Org(?:Usage|Actor)\w+|LatencyHistogram\w+"
+    r"\b(UsageEvent|Scope(?:Usage|Key|Actor)\w+|Org(?:Usage|People|Label)\w+|LatencyHistogram\w+"
     r"|Viewer(?:Usage|Actor|Histogram)\w+)\.objects\b"
 )
 ALLOWED = {

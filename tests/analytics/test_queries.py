@@ -345,9 +345,10 @@ def test_grouping_by_a_dimension_gives_one_group_per_value(autumn, subtests):
             assert {key[1]: t.requests for key, t in got.rows.items()} == dict(expected)
 
 
-def test_who_questions_of_whole_organizations_come_from_the_actor_roll_ups(autumn, subtests):
+def test_who_questions_of_whole_organizations_come_from_the_people_roll_ups(autumn, subtests):
     """Top users, ranked tokens and distinct users/assistants/workflows of an org admin
-    read the actor roll-ups (days, hours, raw edges) and equal raw events exactly."""
+    read the people and label roll-ups (days, hours, raw edges) and equal raw events
+    exactly."""
     start = PERIODS["autumn"] + timedelta(hours=2, minutes=7, seconds=3)
     end = start + timedelta(days=2, hours=3, minutes=1)
     events = _raw_events(autumn, start, end)
@@ -367,10 +368,14 @@ def test_who_questions_of_whole_organizations_come_from_the_actor_roll_ups(autum
                 key[1]: [t.requests, t.failed_requests, t.cost_nanos] for key, t in got.rows.items()
             } == {key: value for key, value in expected.items()}
             tables = " ".join(q["sql"] for q in seen.captured_queries)
-            assert "metering_org_actor_daily" in tables and "metering_org_actor_hourly" in tables
+            assert "metering_org_people_daily" in tables and "metering_org_people_hourly" in tables
             assert "metering_scope_usage" not in tables
     with subtests.test("distinct"):
-        got = analytics_queries.distinct_counts(sel, ("user_id", "assistant", "workflow"))
+        with CaptureQueriesContext(connection) as seen:
+            got = analytics_queries.distinct_counts(sel, ("user_id", "assistant", "workflow"))
+
+        tables = " ".join(q["sql"] for q in seen.captured_queries)
+        assert "metering_org_people_daily" in tables and "metering_org_label_daily" in tables
 
         assert got["user_id"] >= 2 and got["assistant"] == 2 and got["workflow"] == 3
         assert got == {

@@ -269,29 +269,32 @@ def test_import_events_refuses_a_missing_file_or_organization(personas, tmp_path
         run("import_events", str(path), "--org", "nope")
 
 
-def test_the_actor_roll_up_migration_fills_them_from_stored_events(demo):
-    """An installation upgraded with events already stored gets the actor roll-ups from
-    those events (the migration's SQL), exactly as ingestion would have written them."""
+def test_the_people_and_label_migration_fills_them_from_stored_events(demo):
+    """An installation upgraded with events already stored gets the people and label
+    roll-ups from those events (the migration's SQL), exactly as ingestion would have
+    written them."""
     import importlib
     from types import SimpleNamespace
 
     from django.apps import apps
     from django.db import connection
 
-    from metering.models import OrgActorDaily, OrgActorHourly
+    from metering.models import OrgLabelDaily, OrgLabelHourly, OrgPeopleDaily, OrgPeopleHourly
 
-    migration = importlib.import_module("metering.migrations.0008_org_actor_rollups")
-    written = sorted(OrgActorHourly.objects.values_list("pk", "requests", "failed_requests"))
-    assert written and any(failed for _, _, failed in written)
-    OrgActorHourly.objects.all().delete()
-    OrgActorDaily.objects.all().delete()
+    migration = importlib.import_module("metering.migrations.0020_people_and_label_rollups")
+    tables = (OrgPeopleHourly, OrgPeopleDaily, OrgLabelHourly, OrgLabelDaily)
+    written = {m: sorted(m.objects.values_list("pk", "requests")) for m in tables}
+    assert all(written.values())
+    failed = OrgPeopleHourly.objects.values_list("failed_requests", flat=True)
+    assert any(failed)
+    assert len({pk[3] for pk, _ in written[OrgLabelDaily]}) > 1  # several workflows
+    for model in tables:
+        model.objects.all().delete()
 
     # The backfill uses only the editor's connection (SQLite opens no editor in a test).
     migration.backfill(apps, SimpleNamespace(connection=connection))
 
-    assert (
-        sorted(OrgActorHourly.objects.values_list("pk", "requests", "failed_requests")) == written
-    )
+    assert {m: sorted(m.objects.values_list("pk", "requests")) for m in tables} == written
     status, out = check_aggregates()
     assert status == 0 and "no mismatch" in out
 
