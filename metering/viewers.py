@@ -12,16 +12,22 @@ in the organization's zone, so such a viewer reads a few thousand rows of their 
 - ViewerUsageDaily: model x operation x status (metrics, series, models, top models);
 - ViewerActorDaily: user x token x assistant x workflow (active users / assistants /
   workflows, top users, ranked tokens);
-- ViewerHistogramDaily: operation x latency bucket (p95).
+- ViewerHistogramDaily: operation x latency bucket (p95);
+- ViewerUsageHourly, ViewerActorHourly: the first two by UTC hour, for the partial days
+  at a range's edges.
+
+Viewer 0 (WHOLE_ORGANIZATION) counts every event of the organization: an org admin's
+charts of local days read it and move no pieces between UTC days.
 
 The same statements as the shared roll-ups keep them (ingest, fold, bulk load, day
 rebuild: `viewer_rollup_sql`, and `ViewerMap` in Python for SQLite), fanning each event
-out through ViewerLink, the links the rows were counted with. An organization's rows
-exist once `build_organization` counted its stored events (ViewerCalendar); a change of
-roles or tokens makes a viewer's links differ from their scope, and then readers use the
-shared roll-ups (`viewer_rows_ready` says so) until `rebuild_viewer` recounts that
-viewer's rows. Every rebuild holds the organization's fold lock, so it never interleaves
-with a fold; events still pending are left to their fold.
+out through ViewerLink, the links the rows were counted with. An organization's rows are
+read once `build_organization` counted its stored events (ViewerCalendar.ready); a change
+of roles or tokens makes a viewer's links differ from their scope, and then readers use
+the shared roll-ups (`viewer_rows_ready` says so) until `rebuild_viewer` recounts that
+viewer's rows. Builds and rebuilds count a local day per transaction under the
+organization's fold lock, so they never interleave with a fold and never hold it long;
+events still pending are left to their fold.
 """
 
 import logging
