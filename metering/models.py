@@ -182,6 +182,19 @@ class UsageEvent(models.Model):
                 name="event_org_model_time_id",
                 include=["operation", "latency_ms", "status_code", *SCOPE_COLUMNS],
             ),
+            # A team and a model together, read raw (a project admin's or a member's
+            # latency percentiles under a team + model filter): the team's events of that
+            # model alone, a few per cent of either the team's or the model's.
+            models.Index(
+                fields=["organization", "team", "model", "timestamp"],
+                name="event_org_team_model_time",
+                include=[
+                    "operation",
+                    "latency_ms",
+                    "status_code",
+                    *(c for c in SCOPE_COLUMNS if c != "team_id"),
+                ],
+            ),
             # The chat-session filter; most events of batch callers carry no session.
             models.Index(
                 fields=["organization", "session_id", "timestamp"],
@@ -377,6 +390,10 @@ class ScopeUsageDaily(ScopeUsageRollup):  # noqa: DJ008
         db_table = "metering_scope_usage_daily"
         indexes = [
             models.Index(fields=["organization", "team_id", "bucket"], name="scoped_team"),
+            # A team + model filter: that model's rows of the team, not all of the team's.
+            models.Index(
+                fields=["organization", "team_id", "model", "bucket"], name="scoped_team_model"
+            ),
             models.Index(fields=["organization", "project_id", "bucket"], name="scoped_project"),
             models.Index(fields=["organization", "user_id", "bucket"], name="scoped_user"),
             models.Index(fields=["organization", "api_token_id", "bucket"], name="scoped_token"),
