@@ -449,10 +449,73 @@ def _aggregate_sql(model, measures: tuple[str, ...] | None = None) -> dict[str, 
     return out
 
 
+# Plain lookups of `_NarrowRows` and their SQL operators.
+_PLAIN_OPERATORS = {"exact": "=", "in": "IN", "gte": ">=", "gt": ">", "lt": "<", "lte": "<="}
+
+
+class _NarrowRows:
+    """Rows of an org-wide roll-up or histogram (no gate predicate but the organization)
+    under plain lookups (`column`, `column__in`, `__gte`, `__gt`, `__lt`, `__lte`), read by
+    `_select` with the WHERE written here. Those tables' reads only ever filter so, and
+    the ORM's building and compiling of each read cost more than the read (a metrics
+    widget makes two dozen). Only `_rollup_rows` and `_histogram_rows` make them, for a
+    viewer who sees the whole organizations read (the gate's answer for those tables)."""
+
+    def __init__(self, model, lookups: tuple[tuple[str, object], ...] = ()):
+        self.model = model
+        self.lookups = lookups
+
+    def filter(self, *conditions: Q, **lookups) -> "_NarrowRows":
+        found = list(self.lookups)
+        for condition in conditions:
+            found += _plain_lookups(condition)
+        found += lookups.items()
+        return _NarrowRows(self.model, tuple(found))
+
+    def where(self) -> tuple[str, list] | None:
+        """(" WHERE ..." or "", params), or None when a lookup matches nothing."""
+        quote = connection.ops.quote_name
+        table = quote(self.model._meta.db_table)
+        columns = {f.attname: f.column for f in self.model._meta.concrete_fields}
+        columns |= {f.name: f.column for f in self.model._meta.concrete_fields}
+        parts, params = [], []
+        for key, value in self.lookups:
+            name, _, lookup = key.partition("__")
+            operator = _PLAIN_OPERATORS[lookup or "exact"]
+            column = f"{table}.{quote(columns[name])}"
+            if operator == "IN":
+                values = list(value)
+                if not values:
+                    return None
+                parts.append(f"{column} IN ({', '.join(['%s'] * len(values))})")
+                params += values
+            else:
+                parts.append(f"{column} {operator} %s")
+                params.append(value)
+        return (f" WHERE {' AND '.join(parts)}" if parts else ""), params
+
+
+def _plain_lookups(condition: Q) -> list[tuple[str, object]]:
+    """The (lookup, value) pairs of a Q that only ANDs them (`_dimension_filters`)."""
+    if condition.negated or (condition.connector != Q.AND and len(condition.children) > 1):
+        raise ValueError("only ANDed plain lookups")
+    out = []
+    for child in condition.children:
+        out += _plain_lookups(child) if isinstance(child, Q) else [child]
+    return out
+
+
 def _where_sql(qs: QuerySet):
     """(query, compiler, " WHERE ..." or "", params) of a filtered one-table queryset, by
     the ORM's own compiler (the gate's predicates included), or None when it matches no
-    row."""
+    row. `_NarrowRows` write their own WHERE (query and compiler then serve only the
+    select list's expressions)."""
+    if isinstance(qs, _NarrowRows):
+        found = qs.where()
+        if found is None:
+            return None
+        query = qs.model._default_manager.all().query
+        return query, _LazyCompiler(query), found[0], found[1]
     query = qs.query
     compiler = query.get_compiler(connection=connection)
     try:
@@ -468,6 +531,19 @@ def _where_sql(qs: QuerySet):
 
 class _Sql(str):
     """A fragment of SQL written in this module (constants, never input), for `_select`."""
+
+
+class _LazyCompiler:
+    """A query's compiler made on first use: most selects have no expression to compile."""
+
+    def __init__(self, query):
+        self.query = query
+        self.compiler = None
+
+    def compile(self, node):
+        if self.compiler is None:
+            self.compiler = self.query.get_compiler(connection=connection)
+        return self.compiler.compile(node)
 
 
 def _select(qs: QuerySet, items, group=(), *, distinct: bool = False):
@@ -617,24 +693,28 @@ def _family(sel: Selection, dims: tuple[str, ...]) -> str:
     return "scope"
 
 
-def _rollup_rows(sel: Selection, family: str, grain: int) -> QuerySet:
+def _rollup_rows(sel: Selection, family: str, grain: int) -> "QuerySet | _NarrowRows":
     """The selection's rows of `family`'s roll-up of `grain`: the org-wide families only
     where the scope covers the whole selected organizations, else the wide one behind
     the gate."""
     model = dict(FAMILIES[family])[grain]
     if family not in GATED_FAMILIES:
-        qs = model.objects.all()
+        rows = _NarrowRows(model)
         if not sel.scope.everything:
-            qs = qs.filter(organization_id__in=sel.org_ids)
-        return qs.filter(_dimension_filters(sel))
+            rows = rows.filter(organization_id__in=sel.org_ids)
+        return rows.filter(_dimension_filters(sel))
     dims = _dimension_filters(sel)
     return model.objects.filter(rollup_scope_q(_reading_scope(sel))).filter(dims)
 
 
 def rollup_source(sel: Selection, dims: tuple[str, ...], grain: int = BUCKET_SECONDS) -> QuerySet:
     """The narrow roll-up of `grain` when it can answer exactly, else the wide one."""
-    family = "org" if _narrow_ok(sel, dims) and grain in dict(NARROW_TIERS) else "scope"
-    return _rollup_rows(sel, family, grain)
+    if _narrow_ok(sel, dims) and grain in dict(NARROW_TIERS):
+        qs = dict(NARROW_TIERS)[grain].objects.all()
+        if not sel.scope.everything:
+            qs = qs.filter(organization_id__in=sel.org_ids)
+        return qs.filter(_dimension_filters(sel))
+    return _rollup_rows(sel, "scope", grain)
 
 
 def _plan_tiers(
@@ -724,13 +804,26 @@ class _TierReads:
         (an expression of its columns, or None), summed by `_rollup_aggregates`. The
         filters are compiled by the ORM; the select list, written here, is the same for
         every read and costs the ORM more than the read costs the database."""
+        self._add(qs, key, _aggregate_sql(qs.model, self.measures), on_row)
+
+    def add_raw(self, sel: Selection, ranges, bucketing: Bucketing | None, on_row) -> None:
+        """The raw events of `ranges` (the seconds at a range's edges) in the same
+        statement, one indexed branch per range (`_raw_grouped_ranges`), keyed by their
+        UTC minute when `bucketing`."""
+        aggregates = _raw_aggregate_sql(self.measures)
+        key = _minute_sql() if bucketing is not None else None
+        for in_range in _range_qs(ranges):
+            rows = UsageEvent.objects.filter(_event_filters(sel)).filter(in_range)
+            self._add(rows, key, aggregates, on_row)
+
+    def _add(self, qs, key, aggregates: dict, on_row) -> None:
         part = len(self.handlers)
         self.handlers.append(on_row)
-        aggregates = _aggregate_sql(qs.model, self.measures)
-        self.names = list(aggregates)
+        # One order for every branch of the UNION: the tables' sums and the raw ones.
+        self.names = [f"t_{m}" for m in Totals.__dataclass_fields__ if f"t_{m}" in aggregates]
         items = [(f, f) for f in self.fields]
         items += [("_part", _Sql(str(part))), ("_k", key if key is not None else _Sql("0"))]
-        items += [(name, _Sql(sql)) for name, sql in aggregates.items()]
+        items += [(name, _Sql(aggregates[name])) for name in self.names]
         group = [*range(1, len(self.fields) + 1), len(self.fields) + 2]
         self.branches.append(_select(qs, items, group))
 
@@ -807,7 +900,7 @@ def _grouped_totals(
         reads, raw_ranges = [], [(start, end)]
     else:
         reads, raw_ranges = _plan_tiers(grains, start, end, None)
-    out = _raw_grouped_ranges(sel, raw_ranges, dims, bucketing, measures)
+    out = Grouped(dims)
     tiers = _TierReads(dims, measures)
 
     def rows(grain: int) -> QuerySet:
@@ -816,6 +909,9 @@ def _grouped_totals(
     def at(key_of, sign: int = 1):
         return lambda row, group, totals: out.add((key_of(row), *group), totals, sign)
 
+    # The raw seconds at the edges in the roll-ups' statement.
+    minute = (lambda row: bucketing.key_of(int(row["_k"]))) if bucketing else (lambda row: None)
+    tiers.add_raw(sel, raw_ranges, bucketing, at(minute))
     for grain, a, b in reads:
         qs = rows(grain).filter(bucket__gte=a, bucket__lt=b)
         if bucketing is None:
@@ -992,9 +1088,14 @@ def _viewer_totals(
             key = Value(bucketing.key_of(a), output_field=BigIntegerField()) if bucketing else None
             tiers.add(read.rows(hourly, ha, hb).filter(filters), key, at_key)
         raw_ranges += [(a, ha), (hb, b)]
+    minute = (lambda row: bucketing.key_of(int(row["_k"]))) if bucketing else (lambda row: None)
+    tiers.add_raw(
+        sel,
+        raw_ranges,
+        bucketing,
+        lambda row, group, totals: out.add((minute(row), *group), totals),
+    )
     tiers.run()
-    for key, totals in _raw_grouped_ranges(sel, raw_ranges, dims, bucketing, measures).rows.items():
-        out.add(key, totals)
     out.prune()
     return out
 
@@ -1177,13 +1278,13 @@ class _HistogramPlan:
         return [part.filter(q) for q in _range_qs(self.raw_ranges) for part in parts]
 
 
-def _histogram_rows(sel: Selection, family: str, grain: int) -> QuerySet:
+def _histogram_rows(sel: Selection, family: str, grain: int) -> "QuerySet | _NarrowRows":
     """A histogram's rows of the selection: the org-wide and model ones only where every
     row they hold for the filters is visible (`_hist_family`), else the scoped one behind
     the gate's predicate."""
     model = dict(HIST_FAMILIES[family])[grain]
     if family != "scope":
-        rows = model.objects.all()
+        rows = _NarrowRows(model)
         if not sel.scope.everything or sel.org_ids:
             rows = rows.filter(organization_id__in=sel.org_ids)
         if family == "model":
@@ -1450,11 +1551,15 @@ def _hist_percentiles(
         )
         for rows, _a, _b, _grain, sign in plan.reads
     ]
+    edges = plan.raw_querysets(sel)
+    if connection.vendor == "postgresql":
+        # The raw edges' counts in the same statement, rows of the same shape.
+        tiers += _raw_latency_selects(edges)
+        edges = []
     for operation, index, n in _tuples(_union(tiers)):
         if operation in group_of:
             counts[group_of[operation]][index] += int(n)
-    edges = _raw_edge_counts(plan.raw_querysets(sel), by_quarter=False)
-    for _quarter, operation, index, n in _tuples(edges):
+    for _quarter, operation, index, n in _tuples(_raw_edge_counts(edges, by_quarter=False)):
         if operation in group_of:
             counts[group_of[operation]][index] += n
     return {
@@ -1631,6 +1736,15 @@ def _finer_histogram_grains(sel: Selection, grain: int) -> tuple[int, ...]:
     family = _hist_family(sel)
     tiers = HIST_FAMILIES[family] if family else ()
     return tuple(g for g, _model in tiers if g < grain)
+
+
+def _raw_latency_selects(parts: list[QuerySet]) -> list:
+    """(operation, latency bucket, events) of raw querysets as `_select`s, one per part
+    (PostgreSQL), for a histogram read's UNION."""
+    column = f'"{UsageEvent._meta.db_table}"."latency_ms"'
+    index = _Sql(LATENCY_BUCKET_SQL.format(col=column))
+    items = [("operation", "operation"), ("latency_bucket", index), ("n", _Sql("COUNT(*)"))]
+    return [_select(part, items, (1, 2)) for part in parts]
 
 
 def _raw_edge_counts(parts: list[QuerySet], by_quarter: bool = True, tags=None):
