@@ -821,3 +821,57 @@ def test_org_latency_series_per_local_day_moves_pieces_from_the_hourly_histogram
     for key, values in by_day.items():
         exact = _exact_p95(values)
         assert abs(series[key][1] - exact) <= 0.05 * exact, (key, series[key][1], exact)
+
+
+# ---------------------------------------------------------------------------------------
+# Org-wide reads with their WHERE written by hand
+
+
+def test_narrow_reads_select_what_the_orm_selects(autumn, subtests):
+    """The org-wide roll-ups' hand-written WHERE (`_NarrowRows`) keeps the same rows as
+    the ORM's filter of the same lookups, and an empty list keeps none."""
+    from django.db.models import Q
+
+    from analytics.queries import _NarrowRows, _select, _Sql, _tuples, _union
+    from metering.models import OrgUsageHourly
+
+    start = int(PERIODS["autumn"].timestamp()) + 3 * HOUR
+    cases = {
+        "range": {"bucket__gte": start, "bucket__lt": start + DAY},
+        "models and status": {
+            "model__in": ["gpt-4o", "nopriced"],
+            "status_code__gte": 400,
+            "bucket__lte": start + 2 * DAY,
+        },
+        "operation": {"operation": "chat", "bucket__gt": start},
+        "empty list": {"model__in": []},
+    }
+    items = [("bucket", "bucket"), ("model", "model"), ("n", _Sql('SUM("requests")'))]
+    for name, lookups in cases.items():
+        with subtests.test(name):
+            org = {"organization_id__in": [autumn.org.id]}
+            narrow = _NarrowRows(OrgUsageHourly).filter(Q(**org)).filter(**lookups)
+            orm = OrgUsageHourly.objects.filter(**org).filter(**lookups)
+
+            got = _select(narrow, items, (1, 2))
+            expected = _select(orm, items, (1, 2))
+
+            if name == "empty list":
+                assert got is None and expected is None
+                continue
+            rows = sorted(_tuples(_union([got])))
+            assert rows == sorted(_tuples(_union([expected])))
+            assert rows, "the case should select some rows"
+
+
+def test_narrow_reads_refuse_an_or():
+    """Only ANDed lookups: an OR (a gate's predicate) is never flattened into an AND."""
+    from django.db.models import Q
+
+    from analytics.queries import _NarrowRows
+    from metering.models import OrgUsageHourly
+
+    with pytest.raises(ValueError):
+        _NarrowRows(OrgUsageHourly).filter(Q(team_id=1) | Q(user_id=2))
+    with pytest.raises(ValueError):
+        _NarrowRows(OrgUsageHourly).filter(~Q(model="gpt-4o"))
