@@ -740,6 +740,27 @@ def _plan_tiers(
     return reads, pending
 
 
+def _day_complements(
+    grains: tuple[int, ...], reads: list[tuple[int, int, int]]
+) -> list[tuple[int, int, int, int]]:
+    """`_plan_tiers`' reads as [(grain, a, b, sign)], where a read of finer rows covering
+    more than half of one UTC day becomes that day's row less the finer rows of the rest
+    of the day: the same sums (a day's row is the sum of its hours and quarters) from
+    fewer rows. Most ranges end now, late in today: today's hours so far are today's row
+    less the current hour. Only for sums over the whole range, not per chart bucket."""
+    if DAY not in grains:
+        return [(grain, a, b, 1) for grain, a, b in reads]
+    out = []
+    for grain, a, b in reads:
+        day = a - a % DAY
+        if grain < DAY and b <= day + DAY and (b - a) * 2 > DAY:
+            out.append((DAY, day, day + DAY, 1))
+            out += [(grain, x, y, -1) for x, y in ((day, a), (b, day + DAY)) if x < y]
+        else:
+            out.append((grain, a, b, 1))
+    return out
+
+
 def _range_qs(ranges) -> list[Q]:
     """One `timestamp in [a, b)` predicate per non-empty epoch range.
 
@@ -912,11 +933,12 @@ def _grouped_totals(
     # The raw seconds at the edges in the roll-ups' statement.
     minute = (lambda row: bucketing.key_of(int(row["_k"]))) if bucketing else (lambda row: None)
     tiers.add_raw(sel, raw_ranges, bucketing, at(minute))
+    if bucketing is None:
+        for grain, a, b, sign in _day_complements(grains, reads):
+            tiers.add(rows(grain).filter(bucket__gte=a, bucket__lt=b), None, at(_no_key, sign))
+        reads = []
     for grain, a, b in reads:
         qs = rows(grain).filter(bucket__gte=a, bucket__lt=b)
-        if bucketing is None:
-            tiers.add(qs, None, at(lambda row: None))
-            continue
         aligned = bucketing.aligned(grain, a, b)
         split = None if aligned else _split_rows(bucketing, a, b, grain)
         if split is None:
@@ -955,6 +977,10 @@ def _grouped_totals(
     tiers.run()
     out.prune()
     return out
+
+
+def _no_key(row) -> None:
+    return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -1354,14 +1380,20 @@ def _signed_count(sign: int):
 
 
 def _histogram_plan(
-    sel: Selection, bucketing: Bucketing | None = None, *, viewer: bool = True
+    sel: Selection,
+    bucketing: Bucketing | None = None,
+    *,
+    viewer: bool = True,
+    complement: bool = False,
 ) -> _HistogramPlan | None:
     """The histograms that answer `sel`'s p95 within ~2 % (per chart bucket of
     `bucketing`, whose buckets they must not straddle), or None: raw events only, for
     short ranges and for the filters the histograms lack (model, status, session). A
     partial scope's whole local days come from the viewer's own histogram where it is
     counted (unless not `viewer`: its local days are not the UTC grains that pieces are
-    moved between), the partial days at the edges from raw events."""
+    moved between), the partial days at the edges from raw events. With `complement` (a count over the
+    whole range, no chart), most of a UTC day is read as the day less the rest of it
+    (`_day_complements`)."""
     read = _viewer_read(sel, bucketing) if viewer and sel.status == "all" else None
     if read is not None and not sel.models:
         rows = read.rows(ViewerHistogramDaily)
@@ -1387,9 +1419,14 @@ def _histogram_plan(
     grains, raw_ranges = _plan_tiers(tiers, start, end, bucketing)
     if not grains:
         return None
+    signed = (
+        _day_complements(tiers, grains)
+        if complement and bucketing is None
+        else [(grain, a, b, 1) for grain, a, b in grains]
+    )
     reads = tuple(
-        (rows.filter(bucket__gte=a, bucket__lt=b), a, b, grain, sign)
-        for grain, a, b in grains
+        (rows.filter(bucket__gte=a, bucket__lt=b), a, b, grain, sign * whole)
+        for grain, a, b, whole in signed
         for rows, sign in _histogram_reads(sel, family, grain)
     )
     return _HistogramPlan(reads, tuple(raw_ranges), family)
@@ -1461,7 +1498,7 @@ def _raw_percentile(qs: QuerySet, q: float) -> float | None:
 def latency_percentile(sel: Selection, q: float = 0.95) -> float | None:
     """p-quantile latency in ms: from a histogram where one holds the selection (within
     ~2 %), exact from raw events otherwise."""
-    plan = _histogram_plan(sel)
+    plan = _histogram_plan(sel, complement=True)
     if plan is None:
         raw_qs = UsageEvent.objects.filter(_event_filters(sel))
         return _raw_percentile(raw_qs.filter(timestamp__gte=sel.start, timestamp__lt=sel.end), q)
@@ -1579,7 +1616,7 @@ def latency_percentiles(
         return out
     every_op = tuple(o for ops in wanted.values() for o in ops)
     narrowed = replace(sel, operations=every_op)
-    plan = _histogram_plan(narrowed)
+    plan = _histogram_plan(narrowed, complement=True)
     if plan is not None:
         group_of = {op: name for name, ops in wanted.items() for op in ops}
         return out | _hist_percentiles(narrowed, plan, group_of, q)
