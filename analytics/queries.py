@@ -585,7 +585,8 @@ def _union(branches) -> "_Statement":
 
 
 def _raw_aggregate_sql(measures: tuple[str, ...] | None = None) -> dict[str, _Sql]:
-    """`_raw_aggregates` as SQL text over the events table, for `_select`."""
+    """The Totals sums of raw events as SQL text over the events table, for `_select`
+    (the same names as `_aggregate_sql`'s)."""
     quote = connection.ops.quote_name
     table = quote(UsageEvent._meta.db_table)
 
@@ -620,25 +621,6 @@ def _minute_sql() -> _Sql:
     if connection.vendor == "postgresql":
         return _Sql(f"(floor(extract(epoch FROM {column}))::bigint / 60 * 60)")
     return _Sql(f"(CAST(strftime('%%s', {column}) AS INTEGER) / 60 * 60)")
-
-
-def _raw_aggregates(measures: tuple[str, ...] | None = None) -> dict:
-    aggs = {
-        "t_requests": Count("id"),
-        "t_failed_requests": Count("id", filter=Q(status_code__gte=400)),
-        "t_input_tokens": Sum("input_tokens"),
-        "t_cached_input_tokens": Sum("cached_input_tokens"),
-        "t_cache_write_tokens": Sum("cache_write_tokens"),
-        "t_output_tokens": Sum("output_tokens"),
-        "t_reasoning_tokens": Sum("reasoning_tokens"),
-        "t_quantity": Sum("quantity"),
-        "t_cost_nanos": Sum("cost_nanos"),
-        "t_latency_ms_sum": Sum("latency_ms"),
-        "t_unpriced_requests": Count("id", filter=Q(cost_source=CostSource.UNPRICED)),
-    }
-    if measures is None:
-        return aggs
-    return {name: agg for name, agg in aggs.items() if name[2:] in measures}
 
 
 def _to_totals(row: dict) -> Totals:
@@ -1373,10 +1355,6 @@ def _histogram_reads(sel: Selection, family: str, grain: int) -> list[tuple[Quer
 def _signed_sum(sign: int) -> tuple[str, "_Sql"]:
     """The `n` item of a histogram read for `_select`: its counts summed, times `sign`."""
     return ("n", _Sql('SUM("count")' if sign == 1 else f'(SUM("count") * {int(sign)})'))
-
-
-def _signed_count(sign: int):
-    return Sum("count") if sign == 1 else Sum("count") * Value(sign)
 
 
 def _histogram_plan(
