@@ -472,6 +472,10 @@ class _NarrowRows:
         found += lookups.items()
         return _NarrowRows(self.model, tuple(found))
 
+    def queryset(self) -> QuerySet:
+        """The same rows as a queryset, for a read that needs the ORM (`models_seen`)."""
+        return self.model.objects.filter(*(Q((key, value)) for key, value in self.lookups))
+
     def where(self) -> tuple[str, list] | None:
         """(" WHERE ..." or "", params), or None when a lookup matches nothing."""
         quote = connection.ops.quote_name
@@ -691,12 +695,9 @@ def _rollup_rows(sel: Selection, family: str, grain: int) -> "QuerySet | _Narrow
 
 def rollup_source(sel: Selection, dims: tuple[str, ...], grain: int = BUCKET_SECONDS) -> QuerySet:
     """The narrow roll-up of `grain` when it can answer exactly, else the wide one."""
-    if _narrow_ok(sel, dims) and grain in dict(NARROW_TIERS):
-        qs = dict(NARROW_TIERS)[grain].objects.all()
-        if not sel.scope.everything:
-            qs = qs.filter(organization_id__in=sel.org_ids)
-        return qs.filter(_dimension_filters(sel))
-    return _rollup_rows(sel, "scope", grain)
+    family = "org" if _narrow_ok(sel, dims) and grain in dict(NARROW_TIERS) else "scope"
+    rows = _rollup_rows(sel, family, grain)
+    return rows.queryset() if isinstance(rows, _NarrowRows) else rows
 
 
 def _plan_tiers(
@@ -809,12 +810,17 @@ class _TierReads:
         every read and costs the ORM more than the read costs the database."""
         self._add(qs, key, _aggregate_sql(qs.model, self.measures), on_row)
 
-    def add_raw(self, sel: Selection, ranges, bucketing: Bucketing | None, on_row) -> None:
+    def add_raw(self, sel: Selection, ranges, bucketing: Bucketing | None, grouped) -> None:
         """The raw events of `ranges` (the seconds at a range's edges) in the same
-        statement, one indexed branch per range (`_raw_grouped_ranges`), keyed by their
-        UTC minute when `bucketing`."""
+        statement, one indexed branch per range (`_raw_grouped_ranges`), added to
+        `grouped` under the chart bucket of their UTC minute (None without `bucketing`)."""
         aggregates = _raw_aggregate_sql(self.measures)
         key = _minute_sql() if bucketing is not None else None
+
+        def on_row(row, group, totals):
+            at = bucketing.key_of(int(row["_k"])) if bucketing is not None else None
+            grouped.add((at, *group), totals)
+
         for in_range in _range_qs(ranges):
             rows = UsageEvent.objects.filter(_event_filters(sel)).filter(in_range)
             self._add(rows, key, aggregates, on_row)
@@ -912,12 +918,11 @@ def _grouped_totals(
     def at(key_of, sign: int = 1):
         return lambda row, group, totals: out.add((key_of(row), *group), totals, sign)
 
-    # The raw seconds at the edges in the roll-ups' statement.
-    minute = (lambda row: bucketing.key_of(int(row["_k"]))) if bucketing else (lambda row: None)
-    tiers.add_raw(sel, raw_ranges, bucketing, at(minute))
+    tiers.add_raw(sel, raw_ranges, bucketing, out)  # the seconds at the edges
     if bucketing is None:
         for grain, a, b, sign in _day_complements(grains, reads):
-            tiers.add(rows(grain).filter(bucket__gte=a, bucket__lt=b), None, at(_no_key, sign))
+            qs = rows(grain).filter(bucket__gte=a, bucket__lt=b)
+            tiers.add(qs, None, at(lambda row: None, sign))
         reads = []
     for grain, a, b in reads:
         qs = rows(grain).filter(bucket__gte=a, bucket__lt=b)
@@ -959,10 +964,6 @@ def _grouped_totals(
     tiers.run()
     out.prune()
     return out
-
-
-def _no_key(row) -> None:
-    return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -1096,13 +1097,7 @@ def _viewer_totals(
             key = Value(bucketing.key_of(a), output_field=BigIntegerField()) if bucketing else None
             tiers.add(read.rows(hourly, ha, hb).filter(filters), key, at_key)
         raw_ranges += [(a, ha), (hb, b)]
-    minute = (lambda row: bucketing.key_of(int(row["_k"]))) if bucketing else (lambda row: None)
-    tiers.add_raw(
-        sel,
-        raw_ranges,
-        bucketing,
-        lambda row, group, totals: out.add((minute(row), *group), totals),
-    )
+    tiers.add_raw(sel, raw_ranges, bucketing, out)
     tiers.run()
     out.prune()
     return out
@@ -1369,9 +1364,9 @@ def _histogram_plan(
     short ranges and for the filters the histograms lack (model, status, session). A
     partial scope's whole local days come from the viewer's own histogram where it is
     counted (unless not `viewer`: its local days are not the UTC grains that pieces are
-    moved between), the partial days at the edges from raw events. With `complement` (a count over the
-    whole range, no chart), most of a UTC day is read as the day less the rest of it
-    (`_day_complements`)."""
+    moved between), the partial days at the edges from raw events. With `complement` (a
+    count over the whole range, no chart), most of a UTC day is read as the day less the
+    rest of it (`_day_complements`)."""
     read = _viewer_read(sel, bucketing) if viewer and sel.status == "all" else None
     if read is not None and not sel.models:
         rows = read.rows(ViewerHistogramDaily)
