@@ -15,18 +15,23 @@ offset, so days and hours are right across DST changes and in +05:30 / +05:45 zo
 """
 
 import heapq
+import os
 import re
+import threading
 from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, copy_context
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from itertools import combinations, pairwise
 from zoneinfo import ZoneInfo
 
+from django.conf import settings
 from django.core.exceptions import EmptyResultSet, FullResultSet
-from django.db import connection
+from django.db import connection, connections
 from django.db.models import (
     Aggregate,
     BigIntegerField,
@@ -862,6 +867,70 @@ def shared_reads():
         yield
     finally:
         _memo.reset(token)
+
+
+# The side thread: one per process, with its own database connections (Django's are per
+# thread), for a second independent read while the request's thread does the first.
+_side: ThreadPoolExecutor | None = None
+_side_pid = 0
+_side_busy = threading.Lock()
+
+
+def _side_thread() -> ThreadPoolExecutor:
+    global _side, _side_pid
+    if _side is None or _side_pid != os.getpid():  # none yet, or forked (gunicorn)
+        _side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="side-read")
+        _side_pid = os.getpid()
+    return _side
+
+
+def _tidy_side_connections() -> None:
+    """What Django does around a request, for the side thread: drop a connection that
+    broke or outlived CONN_MAX_AGE."""
+    for conn in connections.all(initialized_only=True):
+        conn.close_if_unusable_or_obsolete()
+
+
+def _on_side(context, call):
+    try:
+        _tidy_side_connections()
+        return context.run(call)
+    finally:
+        _tidy_side_connections()
+        _side_busy.release()
+
+
+def side_by_side[A, B](first: Callable[[], A], second: Callable[[], B]) -> tuple[A, B]:
+    """(first(), second()) for two independent reads: on PostgreSQL the second runs on the
+    side thread's own connection while this thread runs the first, so their statements
+    overlap (the metrics bar's two periods). One after the other where that cannot help
+    or would be wrong: SQLite, DASHBOARD_PARALLEL_READS off, the side thread busy with
+    another request's read, or a transaction open here (another connection would not
+    see its writes, nor share its snapshot). Both see the same `shared_reads` memo."""
+    parallel = (
+        settings.DASHBOARD_PARALLEL_READS
+        and connection.vendor == "postgresql"
+        and not connection.in_atomic_block
+    )
+    if not parallel or not _side_busy.acquire(blocking=False):
+        return first(), second()
+    try:
+        future = _side_thread().submit(_on_side, copy_context(), second)
+    except BaseException:
+        _side_busy.release()
+        raise
+    try:
+        a = first()
+    except BaseException:
+        future.exception()  # let it finish; this error is the one to report
+        raise
+    return a, future.result()
+
+
+def close_side_connections() -> None:
+    """Close the side thread's database connections (before a test database is dropped)."""
+    if _side is not None and _side_pid == os.getpid():
+        _side.submit(connections.close_all).result()
 
 
 def grouped_totals(

@@ -31,6 +31,7 @@ from .queries import (
     latency_percentiles,
     latency_series_groups,
     models_seen,
+    side_by_side,
     top,
 )
 
@@ -154,8 +155,10 @@ def _latency_average(sel: Selection, ops, by_op) -> float | None:
 
 def metrics(ctx: Context) -> WidgetData:
     rows = []
-    current = _metric_values(ctx.sel)
-    previous = _metric_values(ctx.sel.shifted_back())
+    # Two independent reads: side by side on two connections where that helps.
+    current, previous = side_by_side(
+        lambda: _metric_values(ctx.sel), lambda: _metric_values(ctx.sel.shifted_back())
+    )
     for key, label, kind in METRICS:
         value, before = current[key], previous[key]
         rows.append(

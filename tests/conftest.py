@@ -61,11 +61,16 @@ def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix):
 
 @pytest.fixture(autouse=True)
 def _fast_and_isolated(settings):
-    """Cheap password hashing, and no rate-limit counters left over from other tests."""
+    """Cheap password hashing, and no rate-limit counters left over from other tests; no
+    connection of the dashboard's side thread left open (a test database with one open
+    could not be dropped)."""
+    from analytics.queries import close_side_connections
+
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     cache.clear()
     yield
     cache.clear()
+    close_side_connections()
 
 
 @pytest.fixture

@@ -225,6 +225,11 @@ INGEST_RATE_LIMIT_PER_MINUTE = env_int("INGEST_RATE_LIMIT_PER_MINUTE", 1200)
 ROLLUPS_DEFERRED = env_bool("ROLLUPS_DEFERRED", bool(REDIS_URL))
 # A worker folds an organization's new events at most once per this many seconds.
 ROLLUPS_FOLD_WAIT_SECONDS = env_int("ROLLUPS_FOLD_WAIT_SECONDS", 1)
+# The metrics bar's two periods (this one and the one before) are read side by side, the
+# previous one on a second database connection of the same process (PostgreSQL only;
+# one after the other inside a transaction, where a second connection would not see it).
+# 0 reads them one after the other, as a single core or a saturated server would want.
+DASHBOARD_PARALLEL_READS = env_bool("DASHBOARD_PARALLEL_READS", True)
 # The budget check API remembers who a token is and which budgets apply for this long
 # (any change to them is seen at once, metering.check_cache); 0 turns that off.
 CHECK_CACHE_SECONDS = env_int("CHECK_CACHE_SECONDS", 30)

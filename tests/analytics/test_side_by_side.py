@@ -1,0 +1,101 @@
+"""The metrics bar's two periods read side by side (`analytics.queries.side_by_side`): on
+PostgreSQL the previous period runs on a second connection of the process, with answers
+equal to the sequential ones and the same visibility; inside a transaction, and on
+SQLite, one after the other on the request's own connection."""
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from django.db import connection
+
+from analytics.queries import side_by_side
+from metering.models import UsageEvent
+from tests.factories import event_payload, ingest
+
+on_postgresql = pytest.mark.skipif(
+    "connection.vendor != 'postgresql'", reason="a second connection is a PostgreSQL matter"
+)
+
+
+def _where() -> tuple[str, int]:
+    """The thread a call ran on and how many events its connection sees."""
+    return threading.current_thread().name, UsageEvent.objects.count()
+
+
+def test_inside_a_transaction_both_run_here_and_see_its_writes(personas):
+    ingest(personas.org, [event_payload() for _ in range(3)])  # not committed: a test's atomic
+    here = threading.current_thread().name
+    assert connection.in_atomic_block
+    assert side_by_side(_where, _where) == ((here, 3), (here, 3))
+
+
+@on_postgresql
+def test_outside_a_transaction_the_second_runs_on_its_own_connection(transactional_db, personas):
+    ingest(personas.org, [event_payload() for _ in range(4)])
+    (first_thread, first_seen), (second_thread, second_seen) = side_by_side(_where, _where)
+    assert first_thread == threading.current_thread().name
+    assert second_thread.startswith("side-read")
+    assert first_seen == second_seen == 4
+
+
+@on_postgresql
+def test_errors_of_either_side_reach_the_caller(transactional_db):
+    def fails():
+        raise LookupError("second")
+
+    with pytest.raises(LookupError, match="second"):
+        side_by_side(lambda: 1, fails)
+    with pytest.raises(ZeroDivisionError):
+        side_by_side(lambda: 1 / 0, lambda: 2)
+    # The side thread is free again afterwards.
+    assert side_by_side(lambda: "a", lambda: threading.current_thread().name)[1].startswith(
+        "side-read"
+    )
+
+
+@on_postgresql
+def test_turned_off_both_run_here(transactional_db, settings):
+    settings.DASHBOARD_PARALLEL_READS = False
+    here = threading.current_thread().name
+    assert side_by_side(lambda: threading.current_thread().name, _where)[1][0] == here
+
+
+def _metrics_csv(client, query: str) -> str:
+    response = client.get(f"/dashboard/widgets/metrics/?{query}&format=csv")
+    assert response.status_code == 200
+    return b"".join(response.streaming_content).decode()
+
+
+@on_postgresql
+@pytest.mark.parametrize("persona", ["org_admin", "team_lead", "member", "outsider"])
+def test_metrics_side_by_side_equal_one_after_the_other(
+    transactional_db, personas, client, settings, persona
+):
+    now = datetime.now(UTC)
+    ingest(
+        personas.org,
+        [
+            event_payload(
+                timestamp=now - timedelta(hours=h),
+                team="platform" if h % 2 else "research",
+                user=personas.team_lead.email if h % 3 else None,
+                status_code=503 if h % 5 == 0 else 200,
+                latency_ms=100 + 7 * h,
+            )
+            for h in range(1, 60)
+        ],
+        token=personas.member_token,
+    )
+    client.force_login(getattr(personas, persona))
+    query = "period=24h"
+    parallel = _metrics_csv(client, query)
+    settings.DASHBOARD_PARALLEL_READS = False
+    sequential = _metrics_csv(client, query)
+    assert parallel == sequential
+    requests = next(line for line in parallel.splitlines() if line.startswith("Requests,"))
+    this_period, previous_period = requests.split(",")[1:3]
+    if persona == "outsider":  # alpha's events are outside beta's member's scope
+        assert (this_period, previous_period) == ("0", "0")
+    else:
+        assert int(this_period) > 0 and int(previous_period) > 0
