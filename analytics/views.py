@@ -22,7 +22,7 @@ from .filters import (
     session_options,
     token_label,
 )
-from .queries import WIDTHS, models_seen, shared_reads
+from .queries import WIDTHS, models_seen, shared_reads, side_by_side
 from .visibility import viewer_scope, visible_events, visible_organizations
 from .widgets import WIDGETS, Context, Money, WidgetData
 
@@ -37,6 +37,10 @@ WIDGET_ORDER = [
     "top_models",
     "ranked",
 ]
+# The full page's widgets in two groups read side by side: the metrics bar and the series
+# charts, which share their per-bucket totals (`shared_reads`), and the rest.
+SERIES_WIDGETS = ("metrics", "requests", "tokens", "cost")
+OTHER_WIDGETS = tuple(name for name in WIDGET_ORDER if name not in SERIES_WIDGETS)
 PICKERS = [
     ("team", "Team"),
     ("project", "Project"),
@@ -107,12 +111,15 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         return render(request, "analytics/dashboard.html#widgets", page)
     page.update(_filter_bar(request, flt))
     with shared_reads():
+        # The widgets that share per-bucket totals on this thread, the others beside them
+        # (on PostgreSQL, on the side thread's own connection: `side_by_side`).
+        here, beside = side_by_side(
+            lambda: {name: _render_widget(ctx, name) for name in SERIES_WIDGETS},
+            lambda: {name: _render_widget(ctx, name) for name in OTHER_WIDGETS},
+        )
+        data = here | beside
         page["widgets"] = [
-            {
-                "name": name,
-                "data": _render_widget(ctx, name),
-                "mode": _widget_view_mode(request, name),
-            }
+            {"name": name, "data": data[name], "mode": _widget_view_mode(request, name)}
             for name in WIDGET_ORDER
         ]
     return render(request, "analytics/dashboard.html", page)

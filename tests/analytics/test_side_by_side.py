@@ -3,6 +3,7 @@ PostgreSQL the previous period runs on a second connection of the process, with 
 equal to the sequential ones and the same visibility; inside a transaction, and on
 SQLite, one after the other on the request's own connection."""
 
+import re
 import threading
 from datetime import UTC, datetime, timedelta
 
@@ -99,3 +100,41 @@ def test_metrics_side_by_side_equal_one_after_the_other(
         assert (this_period, previous_period) == ("0", "0")
     else:
         assert int(this_period) > 0 and int(previous_period) > 0
+
+
+def _page_without_per_request_tokens(client, query: str) -> str:
+    response = client.get(f"/dashboard/?{query}")
+    assert response.status_code == 200
+    html = response.content.decode()
+    # CSRF tokens and CSP nonces differ per request; nothing the widgets show is as long.
+    html = re.sub(r'nonce="[^"]*"', 'nonce=""', html)
+    return re.sub(r"[A-Za-z0-9+/=_-]{32,}", "<token>", html)
+
+
+@on_postgresql
+@pytest.mark.parametrize("persona", ["org_admin", "project_admin", "outsider"])
+def test_the_full_page_side_by_side_equals_one_after_the_other(
+    transactional_db, personas, client, settings, persona
+):
+    now = datetime.now(UTC)
+    ingest(
+        personas.org,
+        [
+            event_payload(
+                timestamp=now - timedelta(minutes=37 * h),
+                project="chatbot" if h % 2 else "search",
+                model="gpt-4o" if h % 3 else "claude-sonnet-4",
+                latency_ms=50 + 11 * h,
+            )
+            for h in range(1, 80)
+        ],
+        token=personas.service_token,
+    )
+    client.force_login(getattr(personas, persona))
+    parallel = _page_without_per_request_tokens(client, "period=7d")
+    settings.DASHBOARD_PARALLEL_READS = False
+    assert _page_without_per_request_tokens(client, "period=7d") == parallel
+    if persona == "outsider":
+        assert "claude-sonnet-4" not in parallel
+    else:
+        assert "claude-sonnet-4" in parallel
