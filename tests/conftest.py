@@ -19,6 +19,7 @@ Every token's plain secret is on `token.secret`.
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,6 +58,28 @@ def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix):
         test["NAME"] = os.path.join(tempfile.gettempdir(), f"usage_test_{os.getpid()}.sqlite3")
     else:
         test["NAME"] = f"test_{db['NAME']}_{os.getpid()}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_session_left_on_the_test_database(django_db_setup, django_db_blocker):
+    """PostgreSQL drops no database that has sessions. live_server's handler threads
+    outlive their tests while a client (an SDK's pooled HTTP connection) keeps their
+    socket open, each with its database connection: end those sessions before the test
+    database is dropped, or every run would leave its database behind."""
+    yield
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        return
+    others = "FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    with django_db_blocker.unblock(), connection.cursor() as cursor:
+        cursor.execute(f"SELECT pg_terminate_backend(pid) {others}")
+        for _ in range(50):  # they end a moment after being told to
+            cursor.execute(f"SELECT count(*) {others}")
+            if not cursor.fetchone()[0]:
+                break
+            time.sleep(0.1)
+    connection.close()
 
 
 @pytest.fixture(autouse=True)
