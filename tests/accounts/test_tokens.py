@@ -35,8 +35,10 @@ def test_token_secret_is_never_stored_in_plain_text(org, member):
 
     assert issued.secret.startswith(TOKEN_PREFIX)
     assert not any(issued.secret in value for value in values)
-    # Neither the random part alone.
-    random_part = issued.secret.rsplit("_", 1)[-1]
+    # Neither the random part alone (ud_<public>_<random>; the random part may itself
+    # hold an underscore, so split at the first two only).
+    random_part = issued.secret.split("_", 2)[2]
+    assert len(random_part) >= 40
     assert not any(random_part in value for value in values)
     assert hashlib.sha256(issued.secret.encode()).hexdigest() in values
 
