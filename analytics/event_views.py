@@ -42,6 +42,7 @@ from .eventlog import (
 )
 from .exports import csv_response
 from .filters import FILTER_PARAMS, UsageFilter, session_options
+from .queries import side_by_side
 from .views import _context, _filter_bar, _widget_view_mode
 from .visibility import visible_events, visible_users
 from .widgets import WIDGETS, Money
@@ -228,11 +229,17 @@ def _log_context(request: HttpRequest, flt: EventLogFilter) -> dict:
 def events(request: HttpRequest) -> HttpResponse:
     """The events log: full page, or (HTMX) the log alone after a filter/sort/page change."""
     flt = log_filter(request.GET, request.user, request=request)
-    page = _log_context(request, flt)
     if request.htmx and not request.htmx.history_restore_request:
+        page = _log_context(request, flt)
         page.update(oob=True, chosen=flt.chosen(), sessions=session_options(flt))
         return render(request, "analytics/events.html#log", page)
-    page.update(_filter_bar(request, flt))
+    # The full page: the log on this thread and the filter bar's options beside it (on
+    # PostgreSQL, on the side thread's own connection: `side_by_side`). The filter's
+    # lazily computed state (validation, organization, period, queryset, the viewer's
+    # scope) is settled first, so both threads only read it.
+    flt.selection(), flt.qs
+    page, bar = side_by_side(lambda: _log_context(request, flt), lambda: _filter_bar(request, flt))
+    page.update(bar)
     return render(request, "analytics/events.html", page)
 
 

@@ -596,21 +596,37 @@ def log_page(
     return count, fetch_page(flt.qs, ordering, **kwargs)
 
 
-def _keys_and_count(
-    qs: QuerySet, ordering: Ordering, parts: list[QuerySet], *, offset: int, limit: int, cap: int
-) -> tuple[list[tuple], int]:
-    """`_keys(offset=offset, limit=limit)` and `bounded_count(cap)` of `qs` in `parts`,
-    from one read of each part's first max(offset + limit, cap + 1) rows in `ordering`
-    (PostgreSQL).
+def _merged(parts: list[QuerySet], ordering: Ordering, n: int) -> tuple[str, list]:
+    """SQL (and its parameters) of the first `n` distinct (_sort, id) rows of `parts` in
+    `ordering` (PostgreSQL).
 
-    The count is exact up to `cap` whatever order the parts are read in: a part with
-    more than `cap` rows brings `cap` + 1 of them, and otherwise every row is read."""
-    n = max(offset + limit, cap + 1)
+    Each part is read in its index order, up to `n` rows; the parts are merged in that
+    order (Merge Append) and a row two parts share is dropped where the two copies meet
+    (Unique). The merge stops after `n` distinct rows, so the parts together read about
+    `n` rows, not `n` each, and nothing is hashed or sorted."""
     first, *rest = (ordering.apply(part).values_list("_sort", "id")[:n] for part in parts)
     sql, params = first.union(*rest, all=True).query.sql_with_params()
     direction = "DESC" if ordering.descending else "ASC"
     statement = (
-        f"WITH p AS MATERIALIZED ({sql}), d AS (SELECT DISTINCT _sort, id FROM p) "
+        f"SELECT DISTINCT _sort, id FROM ({sql}) u "
+        f"ORDER BY _sort {direction}, id {direction} LIMIT {int(n)}"
+    )
+    return statement, list(params)
+
+
+def _keys_and_count(
+    qs: QuerySet, ordering: Ordering, parts: list[QuerySet], *, offset: int, limit: int, cap: int
+) -> tuple[list[tuple], int]:
+    """`_keys(offset=offset, limit=limit)` and `bounded_count(cap)` of `qs` in `parts`,
+    from one read of the first max(offset + limit, cap + 1) distinct rows of the parts
+    merged in `ordering` (`_merged`, PostgreSQL).
+
+    The count is exact up to `cap`: the merge brings `cap` + 1 distinct rows when there
+    are more, and otherwise every row."""
+    merged, params = _merged(parts, ordering, max(offset + limit, cap + 1))
+    direction = "DESC" if ordering.descending else "ASC"
+    statement = (
+        f"WITH d AS MATERIALIZED ({merged}) "
         "(SELECT NULL, NULL, count(*), 0 FROM d) UNION ALL "
         f"(SELECT _sort, id, NULL, row_number() OVER (ORDER BY _sort {direction}, id {direction}) "
         f"FROM d ORDER BY _sort {direction}, id {direction} OFFSET %s LIMIT %s)"
@@ -625,17 +641,17 @@ def _keys_and_count(
 
 
 def bounded_count(qs: QuerySet, cap: int, parts: list[QuerySet] | None = None) -> int:
-    """How many rows, reading at most cap + 1 of them (of each part, with `parts`: see
-    `_keys`; each part is read in its own index and UNION drops an event two parts
-    share, so the count is exact up to `cap` and more than `cap` beyond)."""
+    """How many rows, reading at most cap + 1 of them (with `parts`, the first cap + 1
+    distinct rows of the parts merged in the log's default order, `_merged`: exact up
+    to `cap`, more than `cap` beyond)."""
     if not parts or len(parts) == 1:
         return qs.order_by()[: cap + 1].count()
     # In the log's default order, so each part walks its (org, part, time, id) index,
     # which holds the amount: the filters are checked without visiting the rows.
-    first, *rest = (
-        part.order_by("-timestamp", "-id").values_list("id", flat=True)[: cap + 1] for part in parts
-    )
-    return first.union(*rest).count()
+    merged, params = _merged(parts, Ordering(), cap + 1)
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT count(*) FROM ({merged}) m", params)
+        return cursor.fetchone()[0]
 
 
 # ---------------------------------------------------------------------------------------

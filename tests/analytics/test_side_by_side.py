@@ -102,8 +102,8 @@ def test_metrics_side_by_side_equal_one_after_the_other(
         assert int(this_period) > 0 and int(previous_period) > 0
 
 
-def _page_without_per_request_tokens(client, query: str) -> str:
-    response = client.get(f"/dashboard/?{query}")
+def _page_without_per_request_tokens(client, url: str) -> str:
+    response = client.get(url)
     assert response.status_code == 200
     html = response.content.decode()
     # CSRF tokens and CSP nonces differ per request; nothing the widgets show is as long.
@@ -131,10 +131,41 @@ def test_the_full_page_side_by_side_equals_one_after_the_other(
         token=personas.service_token,
     )
     client.force_login(getattr(personas, persona))
-    parallel = _page_without_per_request_tokens(client, "period=7d")
+    parallel = _page_without_per_request_tokens(client, "/dashboard/?period=7d")
     settings.DASHBOARD_PARALLEL_READS = False
-    assert _page_without_per_request_tokens(client, "period=7d") == parallel
+    assert _page_without_per_request_tokens(client, "/dashboard/?period=7d") == parallel
     if persona == "outsider":
         assert "claude-sonnet-4" not in parallel
     else:
         assert "claude-sonnet-4" in parallel
+
+
+@on_postgresql
+@pytest.mark.parametrize("persona", ["org_admin", "member", "outsider"])
+@pytest.mark.parametrize("query", ["period=7d", "period=7d&amount_min=1&sort=cost&page=2"])
+def test_the_events_page_side_by_side_equals_one_after_the_other(
+    transactional_db, personas, client, settings, persona, query
+):
+    # The log on the request's thread, the filter bar's options on the side thread.
+    now = datetime.now(UTC)
+    ingest(
+        personas.org,
+        [
+            event_payload(
+                timestamp=now - timedelta(minutes=29 * h),
+                user=personas.member.email if h % 2 else None,
+                model="gpt-4o" if h % 3 else "claude-sonnet-4",
+                input_tokens=10 * h,
+            )
+            for h in range(1, 70)
+        ],
+        token=personas.member_token,
+    )
+    client.force_login(getattr(personas, persona))
+    parallel = _page_without_per_request_tokens(client, f"/events/?{query}")
+    settings.DASHBOARD_PARALLEL_READS = False
+    assert _page_without_per_request_tokens(client, f"/events/?{query}") == parallel
+    if persona == "outsider":
+        assert "claude-sonnet-4" not in parallel
+    else:
+        assert parallel.count("claude-sonnet-4") >= 2  # a model option and rows of the log
