@@ -176,6 +176,51 @@ def test_other_resource_types_and_organizations_are_not_categorised(personas, po
 
 
 @pytest.mark.django_db
+def test_consumption_per_15_minutes_counts_each_new_event_once_by_category(personas, pool):
+    # On PostgreSQL the insert statement counts the resource types without a pool, and
+    # Python the pooled ones; on SQLite Python counts both. Either way, per resource type,
+    # user and 15 minutes, what the stored events say, and a resent batch adds nothing.
+    member, lead = "member@example.test", "lead@example.test"
+    q1, q2 = NOW - timedelta(minutes=50), NOW - timedelta(minutes=20)
+    batch = [
+        tokens(700, user=member, timestamp=q1),
+        tokens(600, user=member, timestamp=q2),  # crosses the base: hybrid
+        tokens(40, timestamp=q2),  # no user: surplus
+        event_payload(resource_type="ocr", quantity=5, user=member, timestamp=q1),
+        event_payload(resource_type="ocr", quantity=7, user=member, timestamp=q1),
+        event_payload(resource_type="ocr", quantity=11, user=lead, timestamp=q2),
+        event_payload(resource_type="storage", quantity=2048, timestamp=q2),
+    ]
+    assert ingest(personas.org, batch, token=personas.service_token, now=NOW).accepted == 7
+    assert ingest(personas.org, batch, token=personas.service_token, now=NOW).duplicates == 7
+
+    def bucket(moment):
+        epoch = int(moment.timestamp())
+        return epoch - epoch % 900
+
+    users = {u.email: u.id for u in (personas.member, personas.team_lead)}
+    stored = {
+        (row.resource_type, row.bucket, row.user_id): (
+            row.allocated,
+            row.surplus,
+            row.unpooled,
+            row.events,
+            row.hybrid_events,
+        )
+        for row in PoolUsage15m.objects.filter(organization=personas.org)
+    }
+    assert users[member] and users[lead]
+    assert stored == {
+        ("tokens", bucket(q1), users[member]): (700, 0, 0, 1, 0),
+        ("tokens", bucket(q2), users[member]): (300, 300, 0, 1, 1),
+        ("tokens", bucket(q2), 0): (0, 40, 0, 1, 0),
+        ("ocr", bucket(q1), users[member]): (0, 0, 12, 2, 0),
+        ("ocr", bucket(q2), users[lead]): (0, 0, 11, 1, 0),
+        ("storage", bucket(q2), 0): (0, 0, 2048, 1, 0),
+    }
+
+
+@pytest.mark.django_db
 def test_a_changed_period_rule_starts_from_what_was_used_in_the_new_period(personas, pool):
     member = "member@example.test"
     ingest(
