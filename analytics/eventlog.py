@@ -403,6 +403,14 @@ def _load(qs: QuerySet, keys: list[tuple]) -> list[UsageEvent]:
     return [by_id[pk] for pk in wanted if pk in by_id]
 
 
+def _keyed(rows: QuerySet, ordering: Ordering, seek: tuple | None, backwards: bool) -> QuerySet:
+    """(sort value, id) of `rows` in `ordering` (reversed when `backwards`), after `seek`."""
+    rows = ordering.apply(rows, reverse=backwards)
+    if seek is not None:
+        rows = rows.filter(ordering.seek(*seek, backwards=backwards))
+    return rows.values_list("_sort", "id")
+
+
 def _keys(
     qs: QuerySet,
     ordering: Ordering,
@@ -416,24 +424,19 @@ def _keys(
     """(sort value, id) of rows offset .. offset + limit of `qs` in `ordering` (reversed
     when `backwards`), after `seek` when given.
 
-    With `parts` (`log_parts`: `qs` read part by part of the gate), each part is read on
-    its own, in index order and up to offset + limit rows, and the pieces are merged
-    (UNION drops a row two parts share).
-    """
-
-    def keyed(rows: QuerySet) -> QuerySet:
-        rows = ordering.apply(rows, reverse=backwards)
-        if seek is not None:
-            rows = rows.filter(ordering.seek(*seek, backwards=backwards))
-        return rows.values_list("_sort", "id")
-
+    With `parts` (`log_parts`: `qs` read part by part of the gate), the parts are read
+    merged in index order (`_merged`)."""
     if not parts or len(parts) == 1:
-        return list(keyed(qs)[offset : offset + limit])
-    first, *rest = (keyed(part)[: offset + limit] for part in parts)
-    descending = ordering.descending != backwards
-    order = ("-_sort", "-id") if descending else ("_sort", "id")
-    merged = first.union(*rest).order_by(*order)
-    return list(merged[offset : offset + limit])
+        return list(_keyed(qs, ordering, seek, backwards)[offset : offset + limit])
+    merged, params = _merged(parts, ordering, offset + limit, seek=seek, backwards=backwards)
+    direction = "DESC" if ordering.descending != backwards else "ASC"
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT _sort, id FROM ({merged}) m "
+            f"ORDER BY _sort {direction}, id {direction} OFFSET %s",
+            [*params, offset],
+        )
+        return [tuple(row) for row in cursor.fetchall()]
 
 
 def fetch_page(
@@ -596,17 +599,24 @@ def log_page(
     return count, fetch_page(flt.qs, ordering, **kwargs)
 
 
-def _merged(parts: list[QuerySet], ordering: Ordering, n: int) -> tuple[str, list]:
+def _merged(
+    parts: list[QuerySet],
+    ordering: Ordering,
+    n: int,
+    *,
+    seek: tuple | None = None,
+    backwards: bool = False,
+) -> tuple[str, list]:
     """SQL (and its parameters) of the first `n` distinct (_sort, id) rows of `parts` in
-    `ordering` (PostgreSQL).
+    `ordering` (reversed when `backwards`), after `seek` when given (PostgreSQL).
 
     Each part is read in its index order, up to `n` rows; the parts are merged in that
     order (Merge Append) and a row two parts share is dropped where the two copies meet
     (Unique). The merge stops after `n` distinct rows, so the parts together read about
     `n` rows, not `n` each, and nothing is hashed or sorted."""
-    first, *rest = (ordering.apply(part).values_list("_sort", "id")[:n] for part in parts)
+    first, *rest = (_keyed(part, ordering, seek, backwards)[:n] for part in parts)
     sql, params = first.union(*rest, all=True).query.sql_with_params()
-    direction = "DESC" if ordering.descending else "ASC"
+    direction = "DESC" if ordering.descending != backwards else "ASC"
     statement = (
         f"SELECT DISTINCT _sort, id FROM ({sql}) u "
         f"ORDER BY _sort {direction}, id {direction} LIMIT {int(n)}"
