@@ -7,9 +7,10 @@ the database is dropped and recreated unless --skip-load), BENCH_WORKERS (loader
 processes, default 2), BENCH_CHUNK (rows per transaction, 50000), BENCH_REPEAT (timed
 requests per measurement, 20), BENCH_NAIVE_REPEAT (raw-aggregation baseline runs, 3),
 BENCH_FILTER_RANGES (ranges measured with the team + model filter, default all),
-BENCH_ONLY (steps to measure), BENCH_REDIS_URL (broker of the roll-up fold worker during
-the ingestion step, default redis://127.0.0.1:6379/14, emptied first; without Redis the
-roll-ups are counted in each batch's transaction).
+BENCH_ONLY (steps to measure), BENCH_INGEST_BATCHES (batches of 500 events per ingestion
+measurement and per database upsert method, default 96), BENCH_REDIS_URL (broker of the
+roll-up fold worker during the ingestion step, default redis://127.0.0.1:6379/14, emptied
+first; without Redis the roll-ups are counted in each batch's transaction).
 
 Exit status: 1 on errors (a non-200 answer, an exception), never because of times.
 """

@@ -251,7 +251,7 @@ def markdown(report: dict) -> str:
     if report.get("ingest"):
         lines += [
             f"## Ingestion over HTTP (gunicorn, {report.get('gunicorn_workers', '?')} workers, "
-            "batches of 500)",
+            f"{report.get('ingest_batches', '?')} batches of 500 per row)",
             "",
             f"Roll-ups: {report.get('ingest_rollups', 'counted in the ingest transaction')}; "
             '"folded after" is how long after the last answer no event was pending any more.',
