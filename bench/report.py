@@ -169,6 +169,12 @@ def markdown(report: dict) -> str:
             f"{report.get('vacuum_analyze_seconds', '?')} s.",
             "",
         ]
+    elif "vacuum_analyze_seconds" in report:
+        lines += [
+            "The database as an earlier run loaded it (--skip-load), after VACUUM ANALYZE "
+            f"{report['vacuum_analyze_seconds']} s.",
+            "",
+        ]
     if "exactness" in report:
         ex = report["exactness"]
         lines += [

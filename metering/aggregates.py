@@ -31,6 +31,7 @@ right after the batch, or the next reader first): one fold of many batches upser
 roll-up row once, where every batch would have upserted it again.
 """
 
+import logging
 import math
 from collections import defaultdict
 from collections.abc import Iterable
@@ -65,6 +66,8 @@ from .models import (
 )
 from .viewers import rebuild_range, reconcile_range, table_keys, viewer_maps, viewer_rollup_sql
 from .viewers import viewer_rollups as _viewer_rollups
+
+log = logging.getLogger(__name__)
 
 # Latency histogram: bucket i holds latencies in (GAMMA^(i-1), GAMMA^i] ms, bucket 0 holds
 # 0-1 ms. Reporting the bucket's geometric middle keeps p95 within (GAMMA-1)/(GAMMA+1),
@@ -675,11 +678,40 @@ def pending_orgs(org_ids: Iterable[int] | None = None) -> list[int]:
             ids = sorted({int(i) for i in org_ids})
             if not ids:
                 return []
+            # One probe of the primary key per organization, never a scan of the list:
+            # every read asks this, and a list folded and refilled thousands of times a
+            # minute holds far more dead rows than live ones until it is vacuumed.
             cursor.execute(
-                f"SELECT DISTINCT organization_id FROM {table} WHERE organization_id = ANY(%s)",
+                f"SELECT o FROM unnest(%s::bigint[]) AS o "
+                f"WHERE EXISTS (SELECT 1 FROM {table} p WHERE p.organization_id = o)",
                 [ids],
             )
         return sorted(row[0] for row in cursor.fetchall())
+
+
+def pending_vacuum(every_seconds: int | None = None) -> bool:
+    """VACUUM the pending list if no fold did it in the last `every_seconds`
+    (ROLLUPS_PENDING_VACUUM_SECONDS); returns whether it ran. Each fold deletes what
+    ingestion listed, so at thousands of events a second the list's dead rows outgrow its
+    live ones within seconds, faster than autovacuum's default pace (or forever, where
+    it is off). Outside a transaction only (the worker's task); PostgreSQL only."""
+    from django.conf import settings
+    from django.core.cache import cache
+
+    if connection.vendor != "postgresql" or connection.in_atomic_block:
+        return False
+    every = settings.ROLLUPS_PENDING_VACUUM_SECONDS if every_seconds is None else every_seconds
+    if every <= 0:
+        return False
+    try:
+        due = cache.add("rollups-pending-vacuum", 1, timeout=every)
+    except Exception:  # the cache is down: vacuum now, the list stays small
+        log.warning("cache unavailable; vacuuming the pending list now", exc_info=True)
+        due = True
+    if due:
+        with connection.cursor() as cursor:
+            cursor.execute(f"VACUUM {_q(RollupPending._meta.db_table)}")
+    return due
 
 
 def rollups_fold(org_ids: Iterable[int] | None = None) -> int:
