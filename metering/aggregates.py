@@ -709,8 +709,10 @@ def pending_vacuum(every_seconds: int | None = None) -> bool:
         log.warning("cache unavailable; vacuuming the pending list now", exc_info=True)
         due = True
     if due:
+        # No truncation: giving the emptied pages back takes an exclusive lock that would
+        # stop every ingesting batch (they list their events here) while it is held.
         with connection.cursor() as cursor:
-            cursor.execute(f"VACUUM {_q(RollupPending._meta.db_table)}")
+            cursor.execute(f"VACUUM (TRUNCATE false) {_q(RollupPending._meta.db_table)}")
     return due
 
 
