@@ -31,7 +31,6 @@ right after the batch, or the next reader first): one fold of many batches upser
 roll-up row once, where every batch would have upserted it again.
 """
 
-import logging
 import math
 from collections import defaultdict
 from collections.abc import Iterable
@@ -66,8 +65,6 @@ from .models import (
 )
 from .viewers import rebuild_range, reconcile_range, table_keys, viewer_maps, viewer_rollup_sql
 from .viewers import viewer_rollups as _viewer_rollups
-
-log = logging.getLogger(__name__)
 
 # Latency histogram: bucket i holds latencies in (GAMMA^(i-1), GAMMA^i] ms, bucket 0 holds
 # 0-1 ms. Reporting the bucket's geometric middle keeps p95 within (GAMMA-1)/(GAMMA+1),
@@ -687,33 +684,6 @@ def pending_orgs(org_ids: Iterable[int] | None = None) -> list[int]:
                 [ids],
             )
         return sorted(row[0] for row in cursor.fetchall())
-
-
-def pending_vacuum(every_seconds: int | None = None) -> bool:
-    """VACUUM the pending list if no fold did it in the last `every_seconds`
-    (ROLLUPS_PENDING_VACUUM_SECONDS); returns whether it ran. Each fold deletes what
-    ingestion listed, so at thousands of events a second the list's dead rows outgrow its
-    live ones within seconds, faster than autovacuum's default pace (or forever, where
-    it is off). Outside a transaction only (the worker's task); PostgreSQL only."""
-    from django.conf import settings
-    from django.core.cache import cache
-
-    if connection.vendor != "postgresql" or connection.in_atomic_block:
-        return False
-    every = settings.ROLLUPS_PENDING_VACUUM_SECONDS if every_seconds is None else every_seconds
-    if every <= 0:
-        return False
-    try:
-        due = cache.add("rollups-pending-vacuum", 1, timeout=every)
-    except Exception:  # the cache is down: vacuum now, the list stays small
-        log.warning("cache unavailable; vacuuming the pending list now", exc_info=True)
-        due = True
-    if due:
-        # No truncation: giving the emptied pages back takes an exclusive lock that would
-        # stop every ingesting batch (they list their events here) while it is held.
-        with connection.cursor() as cursor:
-            cursor.execute(f"VACUUM (TRUNCATE false) {_q(RollupPending._meta.db_table)}")
-    return due
 
 
 def rollups_fold(org_ids: Iterable[int] | None = None) -> int:

@@ -53,10 +53,7 @@ def budgets_sweep() -> dict:
 
 @shared_task(name="metering.rollups_fold", acks_late=True, ignore_result=True)
 def rollups_fold(organization_id: int | None = None) -> int:
-    folded = aggregates.rollups_fold(None if organization_id is None else [organization_id])
-    if folded:
-        aggregates.pending_vacuum()
-    return folded
+    return aggregates.rollups_fold(None if organization_id is None else [organization_id])
 
 
 @shared_task(name="metering.viewers_rebuild", acks_late=True, ignore_result=True)

@@ -225,9 +225,6 @@ INGEST_RATE_LIMIT_PER_MINUTE = env_int("INGEST_RATE_LIMIT_PER_MINUTE", 1200)
 ROLLUPS_DEFERRED = env_bool("ROLLUPS_DEFERRED", bool(REDIS_URL))
 # A worker folds an organization's new events at most once per this many seconds.
 ROLLUPS_FOLD_WAIT_SECONDS = env_int("ROLLUPS_FOLD_WAIT_SECONDS", 1)
-# The worker vacuums the pending list after a fold at most once per this many seconds
-# (it churns faster than autovacuum's default pace); 0 leaves it to autovacuum.
-ROLLUPS_PENDING_VACUUM_SECONDS = env_int("ROLLUPS_PENDING_VACUUM_SECONDS", 10)
 # The metrics bar's two periods (this one and the one before) are read side by side, the
 # previous one on a second database connection of the same process (PostgreSQL only;
 # one after the other inside a transaction, where a second connection would not see it).

@@ -10,14 +10,12 @@ not run unless a test runs the commit callbacks itself.
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from django.core.cache import cache
 from django.db import connection
 from django.db.models import Count, Sum
 
 from metering.aggregates import (
     DAY_SECONDS,
     pending_orgs,
-    pending_vacuum,
     rebuild_day,
     reconcile_day,
     rollups_fold,
@@ -228,34 +226,3 @@ def test_pending_orgs_names_only_the_organizations_with_events_listed(personas, 
     assert pending_orgs(None) == [personas.org.id]
     rollups_fold([personas.org.id])
     assert pending_orgs([personas.org.id, other]) == []
-
-
-def _vacuum_count() -> int:
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_stat_get_vacuum_count('metering_rollup_pending'::regclass)")
-        return cursor.fetchone()[0]
-
-
-@pytest.mark.django_db(transaction=True)
-def test_the_fold_task_vacuums_the_pending_list_at_most_once_per_interval(personas, settings):
-    """Each fold deletes what ingestion listed: the task vacuums those dead rows away, at
-    most once per ROLLUPS_PENDING_VACUUM_SECONDS (committed batches, eager tasks: the
-    fold and its vacuum run right after each commit)."""
-    settings.ROLLUPS_DEFERRED = True
-    settings.ROLLUPS_PENDING_VACUUM_SECONDS = 600
-    cache.delete("rollups-pending-vacuum")
-    before = _vacuum_count()
-
-    ingest(personas.org, _batch(personas, 20, "vacuum-a"))
-    assert not RollupPending.objects.exists()  # folded after commit
-    assert _vacuum_count() == before + 1
-
-    ingest(personas.org, _batch(personas, 20, "vacuum-b"))
-    assert not RollupPending.objects.exists()
-    assert _vacuum_count() == before + 1  # inside the interval: no second vacuum
-    assert _rolled(OrgUsage15m, personas.org) == _raw(personas.org)
-
-    assert pending_vacuum(0) is False  # 0 leaves the list to autovacuum
-    cache.delete("rollups-pending-vacuum")
-    assert pending_vacuum() is True
-    assert _vacuum_count() == before + 2
