@@ -99,6 +99,18 @@ def cluster_order() -> list[tuple[str, str]]:
     return out
 
 
+def vacuum_analyze(title: str) -> float:
+    """VACUUM ANALYZE the whole bench database; returns the seconds it took."""
+    from django.db import connection
+
+    _log(title)
+    t0 = time.monotonic()
+    connection.ensure_connection()
+    with connection.cursor() as cursor:
+        cursor.execute("VACUUM ANALYZE")
+    return round(time.monotonic() - t0, 1)
+
+
 def check_sample(org_days: list[tuple[int, int]], errors: list, log) -> dict:
     """Compare the counted roll-ups with the raw events (metering.aggregates.reconcile_day,
     in Python) for each organization's first, middle and last day; a mismatch is an error."""
@@ -222,12 +234,7 @@ def main(argv=None) -> int:
         t0 = time.monotonic()
         create_indexes([(n, sql) for n, sql in dropped if n != CLUSTER_INDEX], _log)
         report["index_build_seconds"] = round(time.monotonic() - t0, 1)
-        _log("==> VACUUM ANALYZE")
-        t0 = time.monotonic()
-        connection.ensure_connection()
-        with connection.cursor() as cursor:
-            cursor.execute("VACUUM ANALYZE")
-        report["vacuum_analyze_seconds"] = round(time.monotonic() - t0, 1)
+        report["vacuum_analyze_seconds"] = vacuum_analyze("==> VACUUM ANALYZE")
         report["exactness"] = check_sample(org_days, report["errors"], _log)
     if args.load_only:
         for e in report["errors"]:
@@ -239,11 +246,9 @@ def main(argv=None) -> int:
         # What earlier runs' ingestion steps left (their events removed, their folds'
         # old row versions) vacuumed away, as a fresh load leaves it: where autovacuum
         # is off or behind, it would otherwise slow every read measured after them.
-        _log("==> VACUUM ANALYZE (what earlier runs left)")
-        t0 = time.monotonic()
-        with connection.cursor() as cursor:
-            cursor.execute("VACUUM ANALYZE")
-        report["vacuum_analyze_seconds"] = round(time.monotonic() - t0, 1)
+        report["vacuum_analyze_seconds"] = vacuum_analyze(
+            "==> VACUUM ANALYZE (what earlier runs left)"
+        )
 
     from .measure import measure_all
     from .report import write_report
