@@ -295,7 +295,7 @@ class OrgUsageRollup(RollupMeasures):
     """Narrow roll-up keys: organization x time bucket x model x operation x status."""
 
     pk = models.CompositePrimaryKey("organization", "bucket", "model", "operation", "status_code")
-    organization = models.ForeignKey(Organization, on_delete=models.CASCADE)
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, db_index=False)
     bucket = models.BigIntegerField()
     model = models.CharField(max_length=200)
     operation = models.CharField(max_length=20)
@@ -352,7 +352,7 @@ class ScopeUsageRollup(RollupMeasures):
         "assistant",
         "workflow",
     )
-    organization = models.ForeignKey(Organization, on_delete=models.CASCADE)
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, db_index=False)
     bucket = models.BigIntegerField()
     team_id = models.BigIntegerField()
     project_id = models.BigIntegerField()
@@ -480,7 +480,7 @@ class ScopeKeyDaily(models.Model):  # noqa: DJ008
     pk = models.CompositePrimaryKey(
         "organization", "bucket", "team_id", "project_id", "user_id", "api_token_id"
     )
-    organization = models.ForeignKey(Organization, on_delete=models.CASCADE)
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, db_index=False)
     bucket = models.BigIntegerField()  # UTC day start, epoch seconds
     team_id = models.BigIntegerField()
     project_id = models.BigIntegerField()
@@ -519,7 +519,7 @@ class ScopeActorDaily(RollupMeasures):  # noqa: DJ008
         "assistant",
         "workflow",
     )
-    organization = models.ForeignKey(Organization, on_delete=models.CASCADE)
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, db_index=False)
     bucket = models.BigIntegerField()  # UTC day start, epoch seconds
     team_id = models.BigIntegerField()
     project_id = models.BigIntegerField()
@@ -571,7 +571,7 @@ class LatencyHistogramOrg(models.Model):
     LATENCY_GAMMA, so the estimate is within about 2 % of the exact value."""
 
     pk = models.CompositePrimaryKey("organization", "bucket", "operation", "latency_bucket")
-    organization = models.ForeignKey(Organization, on_delete=models.CASCADE)
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, db_index=False)
     bucket = models.BigIntegerField()
     operation = models.CharField(max_length=20)
     latency_bucket = models.SmallIntegerField()
@@ -616,7 +616,7 @@ class LatencyHistogramScopeDaily(models.Model):  # noqa: DJ008
         "operation",
         "latency_bucket",
     )
-    organization = models.ForeignKey(Organization, on_delete=models.CASCADE)
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, db_index=False)
     bucket = models.BigIntegerField()  # UTC day start, epoch seconds
     team_id = models.BigIntegerField()
     project_id = models.BigIntegerField()
@@ -648,7 +648,7 @@ class LatencyHistogramModelDaily(models.Model):  # noqa: DJ008
     pk = models.CompositePrimaryKey(
         "organization", "bucket", "team_id", "model", "operation", "latency_bucket"
     )
-    organization = models.ForeignKey(Organization, on_delete=models.CASCADE)
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, db_index=False)
     bucket = models.BigIntegerField()  # UTC day start, epoch seconds
     team_id = models.BigIntegerField()
     model = models.CharField(max_length=200)
@@ -689,7 +689,7 @@ class LatencyHistogramPartDaily(models.Model):  # noqa: DJ008
     pk = models.CompositePrimaryKey(
         "organization", "part", "part_id", "bucket", "operation", "latency_bucket"
     )
-    organization = models.ForeignKey(Organization, on_delete=models.CASCADE)
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, db_index=False)
     part = models.CharField(max_length=8, choices=HistogramPart.choices)
     part_id = models.BigIntegerField()
     bucket = models.BigIntegerField()  # UTC day start, epoch seconds
@@ -749,7 +749,9 @@ class ViewerLink(models.Model):  # noqa: DJ008
     """
 
     pk = models.CompositePrimaryKey("organization", "kind", "part_id", "viewer_id")
-    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="+")
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="+", db_index=False
+    )
     kind = models.CharField(max_length=8, choices=ViewerLinkKind.choices)
     part_id = models.BigIntegerField()
     viewer_id = models.BigIntegerField()
@@ -773,7 +775,7 @@ class ViewerUsageDaily(RollupMeasures):  # noqa: DJ008
     pk = models.CompositePrimaryKey(
         "organization", "viewer_id", "bucket", "model", "operation", "status_code"
     )
-    organization = models.ForeignKey(Organization, on_delete=models.CASCADE)
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, db_index=False)
     viewer_id = models.BigIntegerField()
     bucket = models.BigIntegerField()
     model = models.CharField(max_length=200)
@@ -791,7 +793,7 @@ class ViewerUsageHourly(RollupMeasures):  # noqa: DJ008
     pk = models.CompositePrimaryKey(
         "organization", "viewer_id", "bucket", "model", "operation", "status_code"
     )
-    organization = models.ForeignKey(Organization, on_delete=models.CASCADE)
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, db_index=False)
     viewer_id = models.BigIntegerField()
     bucket = models.BigIntegerField()  # UTC hour start, epoch seconds
     model = models.CharField(max_length=200)
@@ -814,7 +816,7 @@ class ViewerActorDaily(RollupMeasures):  # noqa: DJ008
     pk = models.CompositePrimaryKey(
         "organization", "viewer_id", "bucket", "user_id", "api_token_id", "assistant", "workflow"
     )
-    organization = models.ForeignKey(Organization, on_delete=models.CASCADE)
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, db_index=False)
     viewer_id = models.BigIntegerField()
     bucket = models.BigIntegerField()
     user_id = models.BigIntegerField()
@@ -833,7 +835,7 @@ class ViewerActorHourly(RollupMeasures):  # noqa: DJ008
     pk = models.CompositePrimaryKey(
         "organization", "viewer_id", "bucket", "user_id", "api_token_id", "assistant", "workflow"
     )
-    organization = models.ForeignKey(Organization, on_delete=models.CASCADE)
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, db_index=False)
     viewer_id = models.BigIntegerField()
     bucket = models.BigIntegerField()  # UTC hour start, epoch seconds
     user_id = models.BigIntegerField()
@@ -854,7 +856,7 @@ class ViewerHistogramDaily(models.Model):  # noqa: DJ008
     pk = models.CompositePrimaryKey(
         "organization", "viewer_id", "bucket", "operation", "latency_bucket"
     )
-    organization = models.ForeignKey(Organization, on_delete=models.CASCADE)
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, db_index=False)
     viewer_id = models.BigIntegerField()
     bucket = models.BigIntegerField()
     operation = models.CharField(max_length=20)
