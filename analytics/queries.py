@@ -394,10 +394,12 @@ def _latency_parts(sel: Selection) -> list[QuerySet]:
     return [gated] if parts is None else [gated.filter(part) for part in parts]
 
 
-def _dimension_filters(sel: Selection) -> Q:
+def _dimension_filters(sel: Selection, *, organizations: bool = True) -> Q:
+    """The selection's filters on roll-up columns; without the organizations when the
+    caller has already written that condition as the gate."""
     q = Q()
     for column, values in (
-        ("organization_id", sel.org_ids),
+        ("organization_id", sel.org_ids if organizations else ()),
         ("team_id", sel.team_ids),
         ("project_id", sel.project_ids),
         ("user_id", sel.user_ids),
@@ -690,10 +692,12 @@ def _rollup_rows(sel: Selection, family: str, grain: int) -> "QuerySet | _Narrow
     the gate."""
     model = dict(FAMILIES[family])[grain]
     if family not in GATED_FAMILIES:
+        # The scope covers the selected organizations whole (`_narrow_ok`): their one
+        # condition is both the gate and the filter.
         rows = _NarrowRows(model)
-        if not sel.scope.everything:
+        if not sel.scope.everything or sel.org_ids:
             rows = rows.filter(organization_id__in=sel.org_ids)
-        return rows.filter(_dimension_filters(sel))
+        return rows.filter(_dimension_filters(sel, organizations=False))
     dims = _dimension_filters(sel)
     return model.objects.filter(rollup_scope_q(_reading_scope(sel))).filter(dims)
 

@@ -864,6 +864,30 @@ def test_narrow_reads_select_what_the_orm_selects(autumn, subtests):
             assert rows, "the case should select some rows"
 
 
+def test_narrow_reads_name_the_organizations_once(personas, subtests):
+    """The org-wide roll-ups' organization condition is the gate and the filter at once:
+    each read writes it once, with the selected organizations, and keeps the filters."""
+    from analytics.queries import _rollup_rows
+
+    start = PERIODS["autumn"]
+    org_id = personas.org.id
+    cases = {
+        "org": ({"models": ("gpt-4o",)}, ("model__in", ("gpt-4o",)), "gpt-4o"),
+        "people": ({"user_ids": (7,)}, ("user_id__in", (7,)), 7),
+        "labels": ({}, None, None),
+    }
+    for family, (filters, lookup, value) in cases.items():
+        with subtests.test(family):
+            sel = _org_selection(personas, start, start + SPAN, **filters)
+            rows = _rollup_rows(sel, family, DAY)
+            where, params = rows.where()
+            assert where.count("organization_id") == 1, where
+            assert ("organization_id__in", (org_id,)) in rows.lookups
+            assert params == [org_id] + ([value] if lookup else [])
+            if lookup:
+                assert lookup in rows.lookups
+
+
 def test_narrow_reads_refuse_an_or():
     """Only ANDed lookups: an OR (a gate's predicate) is never flattened into an AND."""
     from django.db.models import Q
