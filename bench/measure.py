@@ -796,6 +796,30 @@ def measure_export(report, url, log, target_rows=1_000_000):
 # ---------------------------------------------------------------------------------------
 
 
+def machine_speed() -> dict:
+    """This machine's speed right now, so runs minutes or days apart can be compared:
+    the median of 5 runs of a fixed pure-Python loop (one core's speed), and of 50
+    `SELECT 1` round trips to the database (loopback and backend). Both have been seen
+    to move by 2-3x over an hour here with nothing else running; every time in a report
+    moves with them."""
+    python = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        sum(range(10**6))
+        python.append((time.perf_counter() - t0) * 1000)
+    trips = []
+    with connection.cursor() as cursor:
+        for _ in range(50):
+            t0 = time.perf_counter()
+            cursor.execute("SELECT 1")
+            cursor.fetchone()
+            trips.append((time.perf_counter() - t0) * 1000)
+    return {
+        "python_loop_ms": round(statistics.median(python), 1),
+        "select_1_ms": round(statistics.median(trips), 3),
+    }
+
+
 def measure_all(report, url, log=print):
     from accounts.models import Organization, Team, User
 
@@ -839,6 +863,7 @@ def measure_all(report, url, log=print):
         ("CSV export", lambda: measure_export(report, url, log)),
         ("ingestion over HTTP", lambda: measure_ingest(report, url, log)),
     ]
+    report["machine_speed"] = {"start": machine_speed()}
     only = os.environ.get("BENCH_ONLY")
     for title, step in steps:
         if only and not any(word in title for word in only.split(",")):
@@ -852,3 +877,4 @@ def measure_all(report, url, log=print):
 
             report["errors"].append(f"{title} crashed:\n{traceback.format_exc()}")
         report.setdefault("step_seconds", {})[title] = round(time.monotonic() - t0, 1)
+    report["machine_speed"]["end"] = machine_speed()

@@ -156,6 +156,16 @@ def markdown(report: dict) -> str:
         ),
         "",
     ]
+    speed = report.get("machine_speed", {})
+    if speed.get("start") and speed.get("end"):
+        start, end = speed["start"], speed["end"]
+        lines += [
+            "Machine speed (`measure.machine_speed`; compare runs only at like speeds): "
+            f"`sum(range(10**6))` {start['python_loop_ms']} ms at the start, "
+            f"{end['python_loop_ms']} ms at the end; `SELECT 1` round trip "
+            f"{start['select_1_ms']} ms / {end['select_1_ms']} ms.",
+            "",
+        ]
     if "load" in report:
         load = report["load"]
         lines += [
