@@ -506,6 +506,16 @@ class _NarrowRows:
         return (f" WHERE {' AND '.join(parts)}" if parts else ""), params
 
 
+def _narrow_rows(model, sel: Selection) -> _NarrowRows:
+    """An org-wide table's rows of the selected organizations. Callers use these tables
+    only where the scope covers those organizations whole (`_narrow_ok`, `_hist_family`),
+    so this one condition is both the gate and the filter."""
+    rows = _NarrowRows(model)
+    if not sel.scope.everything or sel.org_ids:
+        rows = rows.filter(organization_id__in=sel.org_ids)
+    return rows
+
+
 def _plain_lookups(condition: Q) -> list[tuple[str, object]]:
     """The (lookup, value) pairs of a Q that only ANDs them (`_dimension_filters`)."""
     if condition.negated or (condition.connector != Q.AND and len(condition.children) > 1):
@@ -692,12 +702,7 @@ def _rollup_rows(sel: Selection, family: str, grain: int) -> "QuerySet | _Narrow
     the gate."""
     model = dict(FAMILIES[family])[grain]
     if family not in GATED_FAMILIES:
-        # The scope covers the selected organizations whole (`_narrow_ok`): their one
-        # condition is both the gate and the filter.
-        rows = _NarrowRows(model)
-        if not sel.scope.everything or sel.org_ids:
-            rows = rows.filter(organization_id__in=sel.org_ids)
-        return rows.filter(_dimension_filters(sel, organizations=False))
+        return _narrow_rows(model, sel).filter(_dimension_filters(sel, organizations=False))
     dims = _dimension_filters(sel)
     return model.objects.filter(rollup_scope_q(_reading_scope(sel))).filter(dims)
 
@@ -1360,9 +1365,7 @@ def _histogram_rows(sel: Selection, family: str, grain: int) -> "QuerySet | _Nar
     the gate's predicate."""
     model = dict(HIST_FAMILIES[family])[grain]
     if family != "scope":
-        rows = _NarrowRows(model)
-        if not sel.scope.everything or sel.org_ids:
-            rows = rows.filter(organization_id__in=sel.org_ids)
+        rows = _narrow_rows(model, sel)
         if family == "model":
             rows = rows.filter(model__in=sel.models)
             if sel.team_ids:
