@@ -18,6 +18,7 @@ import heapq
 import os
 import re
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -1223,7 +1224,7 @@ def distinct_counts(sel: Selection, columns: tuple[str, ...]) -> dict[str, int]:
                 out.append((name, column))
         return out
 
-    union = _union([_select(qs, shaped(qs), distinct=True) for qs in branches])
+    union = _union([_guarded(_select(qs, shaped(qs), distinct=True), g) for qs, g in branches])
     if not union.sql:
         return dict.fromkeys(columns, 0)
     sql, params = union.sql, union.params
@@ -1239,11 +1240,28 @@ def distinct_counts(sel: Selection, columns: tuple[str, ...]) -> dict[str, int]:
     return {column: int(n or 0) for column, n in zip(columns, row, strict=True)}
 
 
-def _distinct_branches(sel: Selection, columns: tuple[str, ...]) -> list[QuerySet]:
-    """The row sources whose distinct values of `columns` make `distinct_counts`: the
+def _guarded(select, guard):
+    """A `_select` result that only counts when events exist in `guard`'s query (or,
+    for `(query, False)`, when none do): one uncorrelated EXISTS, evaluated once."""
+    if select is None or guard is None:
+        return select
+    query, present = guard
+    found = _select(query, [("one", _Sql("1"))])
+    if found is None:  # the guard's query matches nothing: no event can be there
+        return None if present else select
+    sql, params = select
+    condition = f"{'' if present else 'NOT '}EXISTS ({found[0]})"
+    joiner = " AND " if " WHERE " in sql else " WHERE "
+    return f"{sql}{joiner}{condition}", [*params, *found[1]]
+
+
+def _distinct_branches(sel: Selection, columns: tuple[str, ...]) -> list[tuple]:
+    """[(rows, guard)] whose distinct values of `columns` make `distinct_counts`: the
     viewer's own actor rows for whole local days (a partial scope, with no model,
     operation or status filter), else the tiers of the smallest family, and raw events
-    for the seconds no tier fits."""
+    for the seconds no tier fits. A range that ends now reads its last bucket's rows
+    while no event lies beyond the end in that bucket (the rest of the current hour is
+    still to come), its raw events otherwise: each under its `_guarded` condition."""
     read = _viewer_read(sel)
     if read is not None and _viewer_table(sel, columns) is ViewerActorDaily:
         branches = [read.rows(ViewerActorDaily)] if read.a < read.b else []
@@ -1252,8 +1270,8 @@ def _distinct_branches(sel: Selection, columns: tuple[str, ...]) -> list[QuerySe
             if ha < hb:
                 branches.append(read.rows(ViewerActorHourly, ha, hb))
             raw_ranges += [(a, ha), (hb, b)]
-        return branches + [
-            UsageEvent.objects.filter(_event_filters(sel)).filter(in_range)
+        return [(qs, None) for qs in branches] + [
+            (UsageEvent.objects.filter(_event_filters(sel)).filter(in_range), None)
             for in_range in _range_qs(raw_ranges)
         ]
     start, end = _epoch(sel.start), _epoch(sel.end)
@@ -1262,19 +1280,27 @@ def _distinct_branches(sel: Selection, columns: tuple[str, ...]) -> list[QuerySe
     # People and labels of whole organizations: each column from its own family (same
     # grains), the columns a family lacks left empty (`distinct_counts`).
     families = ("people", "labels") if family == "actor" else (family,)
-    reads, raw_ranges = (
-        ([], [(start, end)])
-        if raw_only
-        else _plan_tiers(tuple(dict(FAMILIES[families[0]])), start, end, None)
-    )
-    return [
-        UsageEvent.objects.filter(_event_filters(sel)).filter(in_range)
-        for in_range in _range_qs(raw_ranges)
-    ] + [
-        _rollup_rows(sel, name, grain).filter(bucket__gte=a, bucket__lt=b)
+    grains = tuple(dict(FAMILIES[families[0]]))
+    reads, raw_ranges = ([], [(start, end)]) if raw_only else _plan_tiers(grains, start, end, None)
+    branches = [
+        (_rollup_rows(sel, name, grain).filter(bucket__gte=a, bucket__lt=b), None)
         for grain, a, b in reads
         for name in families
     ]
+    grain = min(grains)
+    for a, b in raw_ranges:
+        events = UsageEvent.objects.filter(_event_filters(sel))
+        h = a - a % grain
+        if reads and b == end and end >= _now() and a < b < h + grain:
+            beyond = events.filter(*_range_qs([(end, h + grain)]))
+            branches += [
+                (_rollup_rows(sel, name, grain).filter(bucket=h), (beyond, False))
+                for name in families
+            ]
+            branches.append((events.filter(*_range_qs([(a, b)])), (beyond, True)))
+        else:
+            branches += [(events.filter(in_range), None) for in_range in _range_qs([(a, b)])]
+    return branches
 
 
 # ---------------------------------------------------------------------------------------
@@ -1351,12 +1377,14 @@ class _HistogramPlan:
     reads: tuple[tuple[QuerySet, int, int, int, int], ...]  # rows, a, b, grain, sign
     raw_ranges: tuple[tuple[int, int], ...]
     family: str = ""  # HIST_FAMILIES' name, or "viewer" (the viewer's own rows)
+    raw_less: tuple[tuple[int, int], ...] = ()  # raw ranges whose counts are subtracted
 
-    def raw_querysets(self, sel: Selection) -> list[QuerySet]:
-        """The raw events of the edges, one indexed query per range and part (their
-        latency counts add up: see `_latency_parts`)."""
+    def raw_querysets(self, sel: Selection, less: bool = False) -> list[QuerySet]:
+        """The raw events of the edges (or, with `less`, of the ranges subtracted), one
+        indexed query per range and part (their latency counts add up: `_latency_parts`)."""
         parts = _latency_parts(sel)
-        return [part.filter(q) for q in _range_qs(self.raw_ranges) for part in parts]
+        ranges = self.raw_less if less else self.raw_ranges
+        return [part.filter(q) for q in _range_qs(ranges) for part in parts]
 
 
 def _histogram_rows(sel: Selection, family: str, grain: int) -> "QuerySet | _NarrowRows":
@@ -1468,17 +1496,60 @@ def _histogram_plan(
     grains, raw_ranges = _plan_tiers(tiers, start, end, bucketing)
     if not grains:
         return None
-    signed = (
-        _day_complements(tiers, grains)
-        if complement and bucketing is None
-        else [(grain, a, b, 1) for grain, a, b in grains]
-    )
+    raw_less = []
+    if complement and bucketing is None:
+        bucket_reads, raw_ranges, raw_less = _edge_complements(min(tiers), raw_ranges, _now())
+        signed = _day_complements(tiers, _joined(grains + bucket_reads))
+    else:
+        signed = [(grain, a, b, 1) for grain, a, b in grains]
     reads = tuple(
         (rows.filter(bucket__gte=a, bucket__lt=b), a, b, grain, sign * whole)
         for grain, a, b, whole in signed
         for rows, sign in _histogram_reads(sel, family, grain)
     )
-    return _HistogramPlan(reads, tuple(raw_ranges), family)
+    return _HistogramPlan(reads, tuple(raw_ranges), family, tuple(raw_less))
+
+
+def _now() -> float:
+    """The time now (an epoch), for plans that weigh the part of a range still to come."""
+    return time.time()
+
+
+def _joined(reads: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Tier reads [(grain, a, b)] with the adjacent reads of one grain made one."""
+    out: list[tuple[int, int, int]] = []
+    for grain, a, b in sorted(reads, key=lambda read: (-read[0], read[1])):
+        if out and out[-1][0] == grain and out[-1][2] == a:
+            out[-1] = (grain, out[-1][1], b)
+        else:
+            out.append((grain, a, b))
+    return out
+
+
+def _edge_complements(
+    grain: int, ranges: list[tuple[int, int]], now: float
+) -> tuple[list[tuple[int, int, int]], list[tuple[int, int]], list[tuple[int, int]]]:
+    """`ranges` (raw edges) as ([(grain, a, b)] bucket reads, [(a, b)] raw ranges added,
+    [(a, b)] raw ranges subtracted): an edge inside one bucket of `grain` is read as the
+    bucket less the raw events of the rest of it where the rest holds less time before
+    `now` than the edge (an edge of 50 minutes is its hour less 10 minutes of events; at
+    a range that ends now, the rest of the hour is still to come and holds next to no
+    events, so the current hour so far costs one row). Only for counts over the whole
+    range (histograms add and subtract); a count of distinct values cannot subtract."""
+
+    def past(a: int, b: int) -> float:
+        return max(0.0, min(b, now) - a)
+
+    reads, added, less = [], [], []
+    for a, b in ranges:
+        h = a - a % grain
+        rest = [(x, y) for x, y in ((h, a), (b, h + grain)) if x < y]
+        if b <= h + grain and sum(past(x, y) for x, y in rest) < past(a, b):
+            reads.append((grain, h, h + grain))
+            less += rest
+        else:
+            added.append((a, b))
+    return reads, added, less
 
 
 # A chart whose buckets roll-up rows straddle (local days in a zone that is not UTC, over
@@ -1637,17 +1708,18 @@ def _hist_percentiles(
         )
         for rows, _a, _b, _grain, sign in plan.reads
     ]
-    edges = plan.raw_querysets(sel)
+    edges, less = plan.raw_querysets(sel), plan.raw_querysets(sel, less=True)
     if connection.vendor == "postgresql":
         # The raw edges' counts in the same statement, rows of the same shape.
-        tiers += _raw_latency_selects(edges)
-        edges = []
+        tiers += _raw_latency_selects(edges) + _raw_latency_selects(less, sign=-1)
+        edges, less = [], []
     for operation, index, n in _tuples(_union(tiers)):
         if operation in group_of:
             counts[group_of[operation]][index] += int(n)
-    for _quarter, operation, index, n in _tuples(_raw_edge_counts(edges, by_quarter=False)):
-        if operation in group_of:
-            counts[group_of[operation]][index] += n
+    for parts, sign in ((edges, 1), (less, -1)):
+        for _quarter, operation, index, n in _tuples(_raw_edge_counts(parts, by_quarter=False)):
+            if operation in group_of:
+                counts[group_of[operation]][index] += sign * n
     return {
         name: _percentile_from_histogram(counts.get(name, {}), q) for name in set(group_of.values())
     }
@@ -1824,12 +1896,13 @@ def _finer_histogram_grains(sel: Selection, grain: int) -> tuple[int, ...]:
     return tuple(g for g, _model in tiers if g < grain)
 
 
-def _raw_latency_selects(parts: list[QuerySet]) -> list:
-    """(operation, latency bucket, events) of raw querysets as `_select`s, one per part
-    (PostgreSQL), for a histogram read's UNION."""
+def _raw_latency_selects(parts: list[QuerySet], sign: int = 1) -> list:
+    """(operation, latency bucket, events times `sign`) of raw querysets as `_select`s,
+    one per part (PostgreSQL), for a histogram read's UNION."""
     column = f'"{UsageEvent._meta.db_table}"."latency_ms"'
     index = _Sql(LATENCY_BUCKET_SQL.format(col=column))
-    items = [("operation", "operation"), ("latency_bucket", index), ("n", _Sql("COUNT(*)"))]
+    n = _Sql("COUNT(*)" if sign == 1 else f"(COUNT(*) * {int(sign)})")
+    items = [("operation", "operation"), ("latency_bucket", index), ("n", n)]
     return [_select(part, items, (1, 2)) for part in parts]
 
 

@@ -524,6 +524,108 @@ def test_an_empty_scope_reads_nothing(autumn):
 
 
 # ---------------------------------------------------------------------------------------
+# An edge read as its bucket less the rest of it; a range that ends now
+
+
+def _histogram_counts(monkeypatch, sel: Selection, plan) -> dict[int, int]:
+    """The latency histogram `_hist_percentiles` builds from `plan` (counts by bucket
+    index, zeros left out), captured where it becomes a percentile."""
+    seen = []
+    monkeypatch.setattr(
+        analytics_queries,
+        "_percentile_from_histogram",
+        lambda counts, q: seen.append({i: n for i, n in counts.items() if n}),
+    )
+    analytics_queries._hist_percentiles(sel, plan, {o: "all" for o in sel.operations}, 0.95)
+    return seen[0]
+
+
+@pytest.mark.parametrize(
+    ("start_at", "end_at", "now_at"),
+    [
+        # Ends "now" at 14:24 (this minute included): the end hour is read as its row less
+        # the events still to come; the start edge of 36 minutes as its hour less 24.
+        (timedelta(hours=8, minutes=24), timedelta(days=1, hours=14, minutes=24), 40),
+        # In the past: a 10-minute start edge stays raw, a 41-minute end edge is its hour
+        # less 19 minutes of events.
+        (timedelta(hours=2, minutes=50), timedelta(days=2, hours=20, minutes=41), None),
+    ],
+    ids=["ends-now", "past"],
+)
+def test_edge_read_as_its_hour_less_the_rest_equals_raw_events(
+    autumn, monkeypatch, start_at, end_at, now_at
+):
+    """The p95's histogram of an org-wide range whose edges are read as their hour's row
+    less the raw events of the rest of the hour is the raw events' own histogram."""
+    from analytics.queries import _histogram_plan
+    from metering.aggregates import latency_bucket
+
+    start, end = PERIODS["autumn"] + start_at, PERIODS["autumn"] + end_at
+    if now_at is not None:
+        now = (end - timedelta(seconds=now_at)).timestamp()
+        monkeypatch.setattr(analytics_queries, "_now", lambda: now)
+    events = _raw_events(autumn, start, end)
+    sel = _org_selection(
+        autumn, start, end, operations=tuple(sorted({e.operation for e in events}))
+    )
+    plan = _histogram_plan(sel, complement=True)
+    end_hour = int(end.timestamp()) // HOUR * HOUR
+
+    assert plan.family == "org" and plan.raw_less, "some edge read as its hour less the rest"
+    assert any(a <= end_hour < b for _rows, a, b, _grain, sign in plan.reads if sign == 1)
+    assert any(a < int(start.timestamp()) for a, _b in plan.raw_less) == (now_at is not None)
+    expected = defaultdict(int)
+    for e in events:
+        expected[latency_bucket(e.latency_ms)] += 1
+    assert _histogram_counts(monkeypatch, sel, plan) == dict(expected)
+
+
+def test_distinct_counts_of_a_range_ending_now_read_the_current_hour_exactly(
+    personas, monkeypatch, subtests
+):
+    """Active users, assistants and workflows of a range that ends now: the current hour
+    from its roll-up rows while no event lies beyond the end, from raw events when one
+    does (an event up to 5 minutes ahead); both exact."""
+    base = datetime(2026, 9, 7, tzinfo=UTC)
+    events = [
+        event_payload(timestamp=base + timedelta(hours=h, minutes=7), assistant="helper")
+        for h in range(30)
+    ]
+    # Hour 30: "coder" before the end (30:20), "ahead" after it, in the same hour.
+    events += [
+        event_payload(timestamp=base + timedelta(hours=30, minutes=12), assistant="coder"),
+        event_payload(
+            timestamp=base + timedelta(hours=30, minutes=23),
+            assistant="ahead",
+            workflow="ahead",
+            user="lead@example.test",
+        ),
+        # Hour 32: "closer" before its end (32:40), nothing after it.
+        event_payload(timestamp=base + timedelta(hours=32, minutes=5), assistant="closer"),
+    ]
+    assert not ingest(personas.org, events, token=personas.service_token).rejected
+    columns = ("user_id", "assistant", "workflow")
+    cases = {
+        "an event beyond the end": (30, 20, {"user_id": 0, "assistant": 2, "workflow": 0}),
+        "nothing beyond the end": (32, 40, {"user_id": 1, "assistant": 4, "workflow": 1}),
+    }
+    for case, (hour, minute, expected) in cases.items():
+        with subtests.test(case):
+            end = base + timedelta(hours=hour, minutes=minute)
+            now = end.timestamp() - 30
+            monkeypatch.setattr(analytics_queries, "_now", lambda now=now: now)
+            sel = _org_selection(personas, base, end)
+            raw = _raw_events(personas, base, end)
+            with CaptureQueriesContext(connection) as seen:
+                got = analytics_queries.distinct_counts(sel, columns)
+
+            assert got == expected
+            assert got == {c: len({getattr(e, c) for e in raw if getattr(e, c)}) for c in columns}
+            sql = " ".join(q["sql"] for q in seen.captured_queries)
+            assert "EXISTS" in sql and "metering_org_people_hourly" in sql
+
+
+# ---------------------------------------------------------------------------------------
 # Latency percentiles
 
 
