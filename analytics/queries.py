@@ -568,18 +568,22 @@ class _LazyCompiler:
         return self.compiler.compile(node)
 
 
-def _select(qs: QuerySet, items, group=(), *, distinct: bool = False):
+def _select(qs: QuerySet, items, group=(), *, distinct: bool = False, also=None):
     """(sql, params) of `SELECT items FROM <qs's table> WHERE <qs's filters>` grouped by
     the items at `group` (1-based positions), or None when the filters match no row.
 
     The filters (the gate's predicates among them) are compiled by the ORM; the select
     list is written here. An item is (alias, spec): a column name, an `_Sql` fragment, or
     an expression the ORM compiles. Building it through annotate and values cost the ORM
-    about ten times what it costs here, and a widget makes tens of such reads."""
+    about ten times what it costs here, and a widget makes tens of such reads. `also`,
+    (sql, params) or None, is one more condition ANDed to the filters."""
     found = _where_sql(qs)
     if found is None:
         return None
     query, compiler, where, params = found
+    if also is not None:
+        where = f"{where} AND {also[0]}" if where else f" WHERE {also[0]}"
+        params = [*params, *also[1]]
     quote = connection.ops.quote_name
     table = quote(qs.model._meta.db_table)
     parts, item_params = [], []
@@ -1224,7 +1228,7 @@ def distinct_counts(sel: Selection, columns: tuple[str, ...]) -> dict[str, int]:
                 out.append((name, column))
         return out
 
-    union = _union([_guarded(_select(qs, shaped(qs), distinct=True), g) for qs, g in branches])
+    union = _union([_select(qs, shaped(qs), distinct=True, also=g) for qs, g in branches])
     if not union.sql:
         return dict.fromkeys(columns, 0)
     sql, params = union.sql, union.params
@@ -1240,28 +1244,21 @@ def distinct_counts(sel: Selection, columns: tuple[str, ...]) -> dict[str, int]:
     return {column: int(n or 0) for column, n in zip(columns, row, strict=True)}
 
 
-def _guarded(select, guard):
-    """A `_select` result that only counts when events exist in `guard`'s query (or,
-    for `(query, False)`, when none do): one uncorrelated EXISTS, evaluated once."""
-    if select is None or guard is None:
-        return select
-    query, present = guard
-    found = _select(query, [("one", _Sql("1"))])
-    if found is None:  # the guard's query matches nothing: no event can be there
-        return None if present else select
-    sql, params = select
-    condition = f"{'' if present else 'NOT '}EXISTS ({found[0]})"
-    joiner = " AND " if " WHERE " in sql else " WHERE "
-    return f"{sql}{joiner}{condition}", [*params, *found[1]]
+def _exists(qs: QuerySet) -> tuple[str, list]:
+    """`EXISTS (a row of qs)` as a condition for `_select`'s `also`: uncorrelated, so the
+    database evaluates it once ("1 = 0" when the filters match nothing)."""
+    found = _select(qs, [("one", _Sql("1"))])
+    return (f"EXISTS ({found[0]})", found[1]) if found is not None else ("1 = 0", [])
 
 
 def _distinct_branches(sel: Selection, columns: tuple[str, ...]) -> list[tuple]:
-    """[(rows, guard)] whose distinct values of `columns` make `distinct_counts`: the
+    """[(rows, condition)] whose distinct values of `columns` make `distinct_counts`: the
     viewer's own actor rows for whole local days (a partial scope, with no model,
     operation or status filter), else the tiers of the smallest family, and raw events
     for the seconds no tier fits. A range that ends now reads its last bucket's rows
     while no event lies beyond the end in that bucket (the rest of the current hour is
-    still to come), its raw events otherwise: each under its `_guarded` condition."""
+    still to come), its raw events otherwise: each under its (sql, params) condition, or
+    None."""
     read = _viewer_read(sel)
     if read is not None and _viewer_table(sel, columns) is ViewerActorDaily:
         branches = [read.rows(ViewerActorDaily)] if read.a < read.b else []
@@ -1292,12 +1289,12 @@ def _distinct_branches(sel: Selection, columns: tuple[str, ...]) -> list[tuple]:
         events = UsageEvent.objects.filter(_event_filters(sel))
         h = a - a % grain
         if reads and b == end and end >= _now() and a < b < h + grain:
-            beyond = events.filter(*_range_qs([(end, h + grain)]))
+            beyond, params = _exists(events.filter(*_range_qs([(end, h + grain)])))
             branches += [
-                (_rollup_rows(sel, name, grain).filter(bucket=h), (beyond, False))
+                (_rollup_rows(sel, name, grain).filter(bucket=h), (f"NOT ({beyond})", params))
                 for name in families
             ]
-            branches.append((events.filter(*_range_qs([(a, b)])), (beyond, True)))
+            branches.append((events.filter(*_range_qs([(a, b)])), (beyond, params)))
         else:
             branches += [(events.filter(in_range), None) for in_range in _range_qs([(a, b)])]
     return branches
@@ -1382,9 +1379,10 @@ class _HistogramPlan:
     def raw_querysets(self, sel: Selection, less: bool = False) -> list[QuerySet]:
         """The raw events of the edges (or, with `less`, of the ranges subtracted), one
         indexed query per range and part (their latency counts add up: `_latency_parts`)."""
-        parts = _latency_parts(sel)
-        ranges = self.raw_less if less else self.raw_ranges
-        return [part.filter(q) for q in _range_qs(ranges) for part in parts]
+        in_ranges = _range_qs(self.raw_less if less else self.raw_ranges)
+        if not in_ranges:
+            return []
+        return [part.filter(q) for q in in_ranges for part in _latency_parts(sel)]
 
 
 def _histogram_rows(sel: Selection, family: str, grain: int) -> "QuerySet | _NarrowRows":
